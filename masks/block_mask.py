@@ -66,7 +66,16 @@ class BlockMask:
         return self.layout.seq_len
 
     def to(self, device) -> BlockMask:
-        return replace(self, kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device))
+        """Copy to ``device``; copies are cached on the mask so per-call use costs nothing."""
+        device = torch.device(device)
+        if self.kv_counts.device == device:
+            return self
+        cache = self.__dict__.setdefault("_device_copies", {})
+        if device not in cache:
+            cache[device] = replace(
+                self, kv_counts=self.kv_counts.to(device), kv_indices=self.kv_indices.to(device)
+            )
+        return cache[device]
 
     def to_block_map(self) -> torch.Tensor:
         """Boolean ``[Bm, Hm, nQ, nK]``."""
@@ -100,7 +109,13 @@ class BlockMask:
 
     # ----------------------------------------------------------------- checks
     def validate(self, batch: int, heads: int, seq_len: int) -> None:
-        """Raise ValueError unless this mask fits q of shape [batch, heads, seq_len, D]."""
+        """Raise ValueError unless this mask fits q of shape [batch, heads, seq_len, D].
+
+        The index check reads the tensors (a device sync), so a passed check is remembered.
+        """
+        done = self.__dict__.setdefault("_validated", set())
+        if (batch, heads, seq_len) in done:
+            return
         if seq_len != self.seq_len:
             raise ValueError(f"BlockMask was built for seq_len {self.seq_len}, attention has {seq_len}")
         bm, hm, nq = self.kv_counts.shape
@@ -119,6 +134,7 @@ class BlockMask:
         bad = valid & ((self.kv_indices < 0) | (self.kv_indices >= nq))
         if bool(bad.any()):
             raise ValueError(f"kv_indices hold block indices outside [0, {nq})")
+        done.add((batch, heads, seq_len))
 
     # ----------------------------------------------------------------- composition
     def expand_heads(self, heads: int) -> BlockMask:

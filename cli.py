@@ -1,0 +1,102 @@
+"""The ``fastattn`` command line: ``fastattn bench ...`` (more verbs register in ``COMMANDS``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _use_interpreter_without_gpu() -> None:
+    """Run the Triton kernels in Triton's interpreter when there is no GPU (set before triton loads)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cpu_smoke(seed: int = 0) -> list[dict]:
+    """Every kernel variant on a small video problem: Triton kernel vs the PyTorch reference."""
+    _use_interpreter_without_gpu()
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kernels import attention_reference, sparse_attention
+    from .masks import TokenLayout, head_permutations, patterns
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = TokenLayout.video(3, 6, 8, text_len=10)  # 154 tokens, text prefix, ragged blocks
+    block = 128 if device == "cuda" else 16
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(1, 2, layout.seq_len, 64, generator=g).to(device, torch.bfloat16) for _ in range(3)
+    )
+    cases = [
+        ("dense", patterns.dense(layout, block)),
+        ("window3d", patterns.window3d(layout, (1, 2, 2), block)),
+        ("radial", patterns.radial(layout, (4, 4), block_size=block)),
+        ("arrow", patterns.arrow(layout, 4, block)),
+    ]
+    perm = head_permutations(layout, ["HWF", "WFH"]).to(device)
+    rows = []
+    for name, mask in cases:
+        for quant in ("none", "int8", "int8-fp8"):
+            for p in (None, perm):
+                t0 = time.perf_counter()
+                out = sparse_attention(q, k, v, mask, quant=quant, perm=p, backend="triton")
+                ms = (time.perf_counter() - t0) * 1e3
+                ref, _ = attention_reference(q.float(), k.float(), v.float(), mask, perm=p)
+                err = float((out.float() - ref).norm() / ref.norm())
+                rows.append(
+                    {"pattern": name, "density": mask.block_density(), "quant": quant, "reorder": p is not None,
+                     "ms": ms, "rel_l2": err}
+                )  # fmt: skip
+    table = Table(title=f"fastattn kernels, smoke test on {device}"
+                  + (" (Triton interpreter: timings are not performance)" if device == "cpu" else ""))  # fmt: skip
+    for col in ("pattern", "block density", "quant", "reorder", "ms", "rel-L2 vs fp32 reference"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["pattern"], f"{r['density']:.2f}", r["quant"], str(r["reorder"]), f"{r['ms']:.1f}",
+                      f"{r['rel_l2']:.4f}")  # fmt: skip
+    Console().print(table)
+    worst = {q: max(r["rel_l2"] for r in rows if r["quant"] == q) for q in ("none", "int8", "int8-fp8")}
+    bars = {"none": 1e-2, "int8": 3e-2, "int8-fp8": 6e-2}
+    failed = [q for q in worst if worst[q] > bars[q]]
+    if failed:
+        raise SystemExit(f"kernel error above bar for {failed}: {worst}")
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.cpu_smoke or args.what is None:
+        cpu_smoke()
+        return
+    if args.what == "kernels":
+        from .bench import kernels
+
+        kernels.main(args.rest)
+    else:
+        raise SystemExit(f"unknown benchmark {args.what!r}; choose from: kernels (or --cpu-smoke)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastattn", description="Fast attention for diffusion transformers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="kernel benchmarks (GPU) or a CPU smoke test of every kernel")
+    b.add_argument("what", nargs="?", choices=["kernels"], help="which benchmark (GPU)")
+    b.add_argument("--cpu-smoke", action="store_true", help="run every kernel variant on a small problem")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,86 @@
+"""Quantization of Q, K (INT8/INT4) and V (FP8) for quantized attention.
+
+Q·Kᵀ in integers (or, in ``"fp8"`` mode, FP8 e4m3, which Hopper's tensor cores run at twice the
+bf16 rate while Triton's INT8 products do not): Q and K are quantized symmetrically with scales per block of ``QUANT_BLOCK``
+consecutive tokens (INT8) or per token (INT4), after subtracting K's mean over tokens: softmax is
+invariant to adding ``q·mean(k)`` to a whole row, and removing that shared offset shrinks K's range
+(SageAttention's smoothing). Scales are stored per token ``[B, H, S]`` even when shared by a block, so
+the kernel has one code path for both granularities.
+
+P·V in FP8 (e4m3): V gets one scale per channel; P (in [0, 1] after the running-max shift) is scaled
+by ``P_FP8_SCALE`` so small probabilities stay out of e4m3's subnormals. FP8 V is stored transposed,
+``[B, H, D, S_pad]``, because Hopper's FP8 tensor-core product wants the reduction axis contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANT_BLOCK = 64
+P_FP8_SCALE = 256.0  # a power of two: exact to apply and undo
+FP8_MAX = 448.0
+MODES = ("none", "int8", "int8-fp8", "int4", "int4-fp8", "fp8")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    qk_bits: int  # 8 or 4 (0 = not quantized)
+    pv_fp8: bool
+    per_token: bool
+    qk_fp8: bool = False  # Q and K as FP8 e4m3 instead of integers ("fp8" mode)
+
+    @property
+    def qmax(self) -> float:
+        if self.qk_fp8:
+            return FP8_MAX
+        return 127 if self.qk_bits == 8 else 7
+
+    @classmethod
+    def parse(cls, mode: str) -> QuantSpec:
+        if mode not in MODES:
+            raise ValueError(f"quant must be one of {MODES}, got {mode!r}")
+        if mode == "none":
+            return cls(0, False, False)
+        if mode == "fp8":
+            return cls(8, True, per_token=False, qk_fp8=True)
+        bits = 8 if mode.startswith("int8") else 4
+        return cls(bits, mode.endswith("fp8"), per_token=bits == 4)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # Same rounding as the Triton kernel (floor(|x| + 0.5) with the sign), not torch's half-to-even.
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def quantize_qk_reference(x: torch.Tensor, spec: QuantSpec, block: int = QUANT_BLOCK, smooth: bool = False):
+    """``x [B, H, S, D]`` -> (int8 (or fp8) codes ``[B, H, S, D]``, fp32 scales ``[B, H, S]``)."""
+    xf = x.float()
+    if smooth:
+        xf = xf - xf.mean(dim=2, keepdim=True)
+    b, h, s, d = xf.shape
+    if spec.per_token:
+        amax = xf.abs().amax(-1)
+    else:
+        nb = -(-s // QUANT_BLOCK)
+        pad = torch.nn.functional.pad(xf.abs(), (0, 0, 0, nb * QUANT_BLOCK - s))
+        amax = pad.view(b, h, nb, QUANT_BLOCK * d).amax(-1)
+        amax = amax.repeat_interleave(QUANT_BLOCK, dim=2)[:, :, :s]
+    scale = torch.clamp(amax, min=1e-12) / spec.qmax
+    if spec.qk_fp8:
+        return (xf / scale[..., None]).to(torch.float8_e4m3fn), scale
+    codes = torch.clamp(_round_half_away(xf / scale[..., None]), -spec.qmax, spec.qmax)
+    return codes.to(torch.int8), scale
+
+
+def v_fp8_scale(v: torch.Tensor) -> torch.Tensor:
+    """Per-channel FP8 scale ``[B, H, D]`` (fp32)."""
+    # abs and max are exact in 16-bit, so no fp32 copy of V is made
+    return torch.clamp(v.abs().amax(dim=2).float(), min=1e-12) / FP8_MAX
+
+
+def quantize_v_fp8_reference(v: torch.Tensor):
+    """``v [B, H, S, D]`` -> (fp8 e4m3 ``[B, H, S, D]``, scale ``[B, H, D]``)."""
+    scale = v_fp8_scale(v)
+    return (v.float() / scale[:, :, None, :]).to(torch.float8_e4m3fn), scale

@@ -1,0 +1,126 @@
+"""Exact PyTorch reference of the attention family (CPU path and test oracle).
+
+Computes block-sparse attention block row by block row in float32, so memory stays at one query
+block times its listed key blocks, never S x S. The quantized variants are reproduced exactly as the
+Triton kernel quantizes (same scales, same rounding), so the kernel can be checked against them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..masks.block_mask import BlockMask
+from . import quantize as Qz
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    quant: str = "none",
+    perm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention, ``[B, H, S, D]`` in, ``(out [B, H, S, D], lse [B, H, S])`` out.
+
+    ``perm`` (``[S]`` or ``[H, S]`` gather index) reorders tokens before attention (the mask is in the
+    reordered space) and the output is returned in the original order. Rows with no key block get
+    zeros and ``lse = -inf``.
+    """
+    b, h, s, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if perm is not None:
+        q, k, v = (gather_tokens(x, perm) for x in (q, k, v))
+    qf, kf, vf = q.float(), k.float(), v.float()
+    pv_fp8 = False
+    if quant != "none":
+        spec = Qz.QuantSpec.parse(quant)
+        bs = block_mask.block_size if block_mask is not None else 128
+        qi, qs = Qz.quantize_qk_reference(q, spec, bs, smooth=False)
+        ki, ks = Qz.quantize_qk_reference(k, spec, bs, smooth=True)
+        qf, kf = qi.float() * qs[..., None], ki.float() * ks[..., None]
+        kmean = k.float().mean(dim=2)  # [B, H, D]: K smoothing shifts every score of a row equally
+        pv_fp8 = spec.pv_fp8
+        if pv_fp8:
+            v8, vscale = Qz.quantize_v_fp8_reference(v)
+            vf = v8.float()
+    if block_mask is None:
+        out, lse = _dense(qf, kf, vf, scale, pv_fp8)
+    else:
+        block_mask.validate(b, h, s)
+        out, lse = _block_sparse(qf, kf, vf, block_mask, scale, pv_fp8)
+    if pv_fp8:
+        out = out * vscale[:, :, None, :]
+    if quant != "none":
+        lse = lse + torch.einsum("bhsd,bhd->bhs", qf, kmean) * scale
+    if perm is not None:
+        out = scatter_tokens(out, perm)
+        lse = scatter_tokens(lse[..., None], perm)[..., 0]
+    return out.to(q.dtype), lse
+
+
+def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, h, perm[h]]`` for ``x [B, H, S, D]`` and ``perm [S]`` or ``[H, S]``."""
+    idx = perm.long().to(x.device)
+    if idx.dim() == 1:
+        return x.index_select(2, idx)
+    return torch.gather(x, 2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_tokens`."""
+    idx = perm.long().to(x.device)
+    out = torch.empty_like(x)
+    if idx.dim() == 1:
+        out[:, :, idx] = x
+        return out
+    return out.scatter_(2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1]), x)
+
+
+def _softmax_rows(scores: torch.Tensor, v: torch.Tensor, pv_fp8: bool):
+    m = scores.amax(-1, keepdim=True)
+    finite = torch.isfinite(m)
+    p = torch.exp(scores - torch.where(finite, m, torch.zeros_like(m)))
+    l = p.sum(-1, keepdim=True)
+    if pv_fp8:
+        # The kernel rounds P (scaled into e4m3's range) to FP8 before the P.V product.
+        p = (p * Qz.P_FP8_SCALE).to(torch.float8_e4m3fn).float() / Qz.P_FP8_SCALE
+    out = (p @ v) / torch.where(l > 0, l, torch.ones_like(l))
+    lse = torch.where(l[..., 0] > 0, (m + torch.log(l))[..., 0], torch.full_like(l[..., 0], -math.inf))
+    return out, lse
+
+
+def _dense(q, k, v, scale, pv_fp8):
+    return _softmax_rows((q @ k.transpose(-1, -2)) * scale, v, pv_fp8)
+
+
+def _block_sparse(q, k, v, mask: BlockMask, scale: float, pv_fp8: bool):
+    b, h, s, d = q.shape
+    starts, ends = mask.geometry.bounds()
+    bs = mask.block_size
+    counts = mask.kv_counts.to(q.device).long().expand(b, h, -1)
+    indices = mask.kv_indices.to(q.device).long().expand(b, h, -1, -1)
+    max_k = indices.shape[-1]
+    starts, ends = starts.to(q.device), ends.to(q.device)
+    out = torch.zeros(b, h, s, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s), -math.inf, dtype=torch.float32, device=q.device)
+    offs = torch.arange(bs, device=q.device)
+    for i in range(counts.shape[-1]):
+        q_lo, q_hi = int(starts[i]), int(ends[i])
+        kb = indices[:, :, i]  # [b, h, maxK]
+        valid_blk = torch.arange(max_k, device=q.device) < counts[:, :, i, None]
+        tok = starts[kb][..., None] + offs  # [b, h, maxK, bs]
+        valid = valid_blk[..., None] & (tok < ends[kb][..., None])
+        tok = torch.where(valid, tok, 0).reshape(b, h, -1)
+        valid = valid.reshape(b, h, -1)
+        kk = torch.gather(k, 2, tok[..., None].expand(-1, -1, -1, d))
+        vv = torch.gather(v, 2, tok[..., None].expand(-1, -1, -1, v.shape[-1]))
+        sc = (q[:, :, q_lo:q_hi] @ kk.transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~valid[:, :, None, :], -math.inf)
+        o, l_ = _softmax_rows(sc, vv, pv_fp8)
+        out[:, :, q_lo:q_hi] = o
+        lse[:, :, q_lo:q_hi] = l_
+    return out, lse

@@ -1,0 +1,365 @@
+"""Triton kernels: block-sparse, reordered, quantized attention forward (+ log-sum-exp).
+
+One kernel family with a few ``tl.constexpr`` switches, in the style of Triton's fused-attention
+tutorial: ``_attn_fwd`` tiles queries into ``BLOCK_M`` rows (one mask block) and sweeps the key blocks
+its block list names, in ``BLOCK_N`` sub-tiles, with an online softmax in base 2.
+
+Switches:
+- ``QUANT``: Q and K arrive as INT8 codes (INT4 values live in INT8) with per-token fp32 scales; the
+  score tile is an integer product rescaled by ``q_scale ⊗ k_scale``.
+- ``PV_FP8``: V arrives as FP8 e4m3, transposed ``[B, H, D, S_pad]``; P is scaled and rounded to FP8.
+- ``PERM_QK`` / ``PERM_V`` / ``PERM_OUT``: token rows are gathered through ``perm`` on load and the output
+  scattered back on store, so reordered attention needs no extra pass over Q/K/V/O.
+
+Blocks follow the mask geometry: ``nb0`` blocks of the first segment ``[0, split)``, then blocks of
+``[split, S)``; the last block of each segment may be short and is masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masks.block_mask import BlockMask
+from . import quantize as Qz
+
+LOG2E = 1.4426950408889634
+last_compiled = None  # the last launched kernel (benchmarks read its registers, spills and PTX)
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _block_range(blk, nb0, split, seq_len, BS: tl.constexpr):
+    in_first = blk < nb0
+    start = tl.where(in_first, blk * BS, split + (blk - nb0) * BS)
+    end = tl.where(in_first, tl.minimum(start + BS, split), tl.minimum(start + BS, seq_len))
+    return start, end
+
+
+@triton.jit
+def _to_fp8(x, EMULATE: tl.constexpr):
+    """Round to FP8 e4m3. Triton 3.6's interpreter drops the carry when rounding crosses a power of
+    two (1.98 -> 1.0); under the interpreter we round to e4m3's grid in fp32 first, so the cast is exact."""
+    if EMULATE:
+        ax = tl.abs(x)
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(ax, 1e-30))), -6.0)
+        step = tl.math.exp2(e - 3.0)
+        r = tl.floor(ax / step + 0.5) * step
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, QS, KS, VS, KMEAN, CNT, IDX, PERM,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos, sod,
+    scb, sch, scq,
+    sib, sih, siq,
+    sph,
+    H, S, split, nb0, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr,
+    QK_FP8: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    PERM_QK: tl.constexpr,
+    PERM_V: tl.constexpr,
+    PERM_OUT: tl.constexpr,
+    P_SCALE: tl.constexpr,
+    TWO_LEVEL: tl.constexpr,
+    DOT_F32: tl.constexpr,  # interpreter only: bf16 dots and fp8 rounding are wrong there (see _to_fp8)
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    # 64-bit only for the (batch, head) base; per-element offsets stay 32-bit so the compiler keeps
+    # seeing contiguous, vectorisable rows.
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    O += b * sob + h * soh
+    LSE += (b * H + h) * S
+    PERM += h * sph
+    q_start, q_end = _block_range(qb, nb0, split, S, BLOCK_M)
+    rows = q_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_end
+    dcol = tl.arange(0, HEAD_DIM)
+
+    if PERM_QK or PERM_OUT:
+        prow = tl.load(PERM + rows, mask=row_ok, other=0)
+    else:
+        prow = rows
+    qrow = prow if PERM_QK else rows
+    q = tl.load(Q + qrow[:, None] * sqs + dcol[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    if QUANT:
+        q_scale = tl.load(QS + (b * H + h) * S + rows, mask=row_ok, other=0.0) * qk_scale
+        KS += (b * H + h) * S
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    count = tl.load(CNT + b * scb + h * sch + qb * scq)
+    idx_ptr = IDX + b * sib + h * sih + qb * siq
+    SUB: tl.constexpr = BLOCK_M // BLOCK_N
+    for i in range(count):
+        kb = tl.load(idx_ptr + i)
+        k_start, k_end = _block_range(kb, nb0, split, S, BLOCK_M)
+        for sub in tl.static_range(SUB):
+            cols = k_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < k_end
+            if PERM_QK or PERM_V:
+                pcol = tl.load(PERM + cols, mask=col_ok, other=0)
+            else:
+                pcol = cols
+            kcol = pcol if PERM_QK else cols
+            # Load [BLOCK_N, D] and transpose in registers: Triton then keeps K's reduction axis
+            # contiguous in shared memory, which 8-bit tensor-core products require.
+            kt = tl.trans(
+                tl.load(K + kcol[:, None] * sks + dcol[None, :] * skd, mask=col_ok[:, None], other=0.0)
+            )
+            # s: scores in base-2 units after multiplying by ``s_scale`` (folded into one FMA below)
+            if QK_FP8:
+                k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
+                s = tl.dot(q, kt) * q_scale[:, None] * k_scale[None, :]
+                s_scale = 1.0
+            elif QUANT:
+                k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
+                si = tl.dot(q, kt, out_dtype=tl.int32)
+                # int32 -> fp32 by the magic-number trick (exact for |x| < 2^22; |q.k| <= 128*127^2):
+                # two ALU ops instead of an I2F conversion, which runs at the exp2 unit's slow rate.
+                s = (si + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+                s = s * q_scale[:, None] * k_scale[None, :]
+                s_scale = 1.0
+            elif DOT_F32:
+                s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
+                s_scale = qk_scale
+            else:
+                s = tl.dot(q, kt)
+                s_scale = qk_scale
+            if k_start + (sub + 1) * BLOCK_N > k_end:  # ragged tail of a segment
+                s = tl.where(col_ok[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s * s_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if PV_FP8:
+                # FP8 V is stored transposed: load [D, BLOCK_N] (tokens contiguous) and transpose.
+                v = tl.trans(
+                    tl.load(V + cols[None, :] * svs + dcol[:, None] * svd, mask=col_ok[None, :], other=0.0)
+                )
+                if TWO_LEVEL:
+                    # Hopper's FP8 MMA accumulates with reduced precision: start each tile from zero
+                    # and add into the fp32 accumulator.
+                    acc += tl.dot(_to_fp8(p * P_SCALE, DOT_F32), v)
+                else:
+                    acc = tl.dot(_to_fp8(p * P_SCALE, DOT_F32), v, acc)
+            else:
+                vcol = pcol if PERM_V else cols
+                v = tl.load(V + vcol[:, None] * svs + dcol[None, :] * svd, mask=col_ok[:, None], other=0)
+                if DOT_F32:
+                    acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+    if PV_FP8:
+        v_scale = tl.load(VS + (b * H + h) * HEAD_DIM + dcol)
+        acc = acc * (v_scale / P_SCALE)[None, :]
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse2 = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
+    if QUANT:
+        # Undo K smoothing in the LSE: the scores were shifted by q . mean(k) per row.
+        kmean = tl.load(KMEAN + (b * H + h) * HEAD_DIM + dcol)
+        lse2 += tl.sum(q.to(tl.float32) * kmean[None, :], 1) * q_scale
+    lse = tl.where(has_keys, lse2 * 0.6931471805599453, -float("inf"))
+    orow = prow if PERM_OUT else rows
+    tl.store(O + orow[:, None] * sos + dcol[None, :] * sod, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + orow, lse, mask=row_ok)
+
+
+@triton.jit
+def _quant_qk(
+    X, OUT, SCALE, MEAN, PERM,
+    sxb, sxh, sxs, sxd, sph, H, S,
+    D: tl.constexpr, TB: tl.constexpr, QMAX: tl.constexpr,
+    PER_TOKEN: tl.constexpr, GATHER: tl.constexpr, SMOOTH: tl.constexpr, TO_FP8: tl.constexpr,
+    EMULATE: tl.constexpr,
+):  # fmt: skip
+    tb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tb * TB + tl.arange(0, TB)
+    ok = rows < S
+    d = tl.arange(0, D)
+    src = tl.load(PERM + h * sph + rows, mask=ok, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
+    x = tl.load(X + b * sxb + h * sxh + src[:, None] * sxs + d[None, :] * sxd, mask=ok[:, None], other=0)
+    x = x.to(tl.float32)
+    if SMOOTH:
+        x = tl.where(ok[:, None], x - tl.load(MEAN + bh * D + d)[None, :], 0.0)
+    amax = tl.max(tl.abs(x), 1)
+    if not PER_TOKEN:
+        amax = tl.zeros([TB], tl.float32) + tl.max(amax, 0)
+    scale = tl.maximum(amax, 1e-12) / QMAX
+    y = x / scale[:, None]
+    if TO_FP8:
+        y = _to_fp8(y, EMULATE)
+    else:
+        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.int8)
+    tl.store(OUT + (bh * S + rows)[:, None] * D + d[None, :], y, mask=ok[:, None])
+    tl.store(SCALE + bh * S + rows, scale, mask=ok)
+
+
+@triton.jit
+def _quant_v_fp8(
+    V, OUT, VSCALE, PERM,
+    svb, svh, svs, svd, sph, H, S, S_PAD,
+    D: tl.constexpr, TB: tl.constexpr, GATHER: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    tb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tb * TB + tl.arange(0, TB)
+    ok = rows < S
+    d = tl.arange(0, D)
+    src = tl.load(PERM + h * sph + rows, mask=ok, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
+    x = tl.load(V + b * svb + h * svh + src[:, None] * svs + d[None, :] * svd, mask=ok[:, None], other=0)
+    y = x.to(tl.float32) / tl.load(VSCALE + bh * D + d)[None, :]
+    # transposed store: element (s, d) at d * S_PAD + s
+    tl.store(OUT + bh * D * S_PAD + d[None, :] * S_PAD + rows[:, None], _to_fp8(y, EMULATE), mask=ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def _mask_strides(t: torch.Tensor, batch: int, heads: int):
+    """Strides of a [Bm, Hm, ...] mask tensor, 0 on broadcast dims."""
+    sb = 0 if t.shape[0] == 1 else t.stride(0)
+    sh = 0 if t.shape[1] == 1 else t.stride(1)
+    return sb, sh, t.stride(2)
+
+
+def default_tiles(head_dim: int, quant: bool, block_m: int):
+    """(BLOCK_N, num_warps, num_stages) for a launch; from the H100 sweep in bench/results/tune-*.json."""
+    if interpreting():
+        return min(block_m, 32), 4, 1
+    return (128, 8, 2) if quant else (128, 8, 3)
+
+
+def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
+    """INT codes and scales for Q, K (+ FP8 V), in the reordered token order when ``perm`` is given."""
+    b, h, s, d = q.shape
+    dev = q.device
+    out = {}
+    gather = perm is not None
+    perm_t = perm if gather else torch.zeros(1, dtype=torch.int32, device=dev)
+    sph = 0 if (not gather or perm.dim() == 1) else perm.stride(0)
+    grid = (triton.cdiv(s, Qz.QUANT_BLOCK), b * h)
+    kmean = k.mean(dim=2, dtype=torch.float32).contiguous()
+    for name, x, smooth in (("q", q, False), ("k", k, True)):
+        code_dtype = torch.float8_e4m3fn if spec.qk_fp8 else torch.int8
+        codes = torch.empty(b, h, s, d, dtype=code_dtype, device=dev)
+        scale = torch.empty(b, h, s, dtype=torch.float32, device=dev)
+        _quant_qk[grid](
+            x, codes, scale, kmean, perm_t, *x.stride(), sph, h, s,
+            D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, GATHER=gather, SMOOTH=smooth,
+            TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
+        )  # fmt: skip
+        out[name] = (codes, scale)
+    out["kmean"] = kmean
+    if spec.pv_fp8:
+        s_pad = triton.cdiv(s, 16) * 16
+        v8 = torch.zeros(b, h, d, s_pad, dtype=torch.float8_e4m3fn, device=dev)  # pad must not be NaN
+        vscale = Qz.v_fp8_scale(v).contiguous()
+        _quant_v_fp8[grid](
+            v,
+            v8,
+            vscale,
+            perm_t,
+            *v.stride(),
+            sph,
+            h,
+            s,
+            s_pad,
+            D=d,
+            TB=Qz.QUANT_BLOCK,
+            GATHER=gather,
+            EMULATE=interpreting(),
+        )
+        out["v"] = (v8, vscale)
+    return out
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    quant: str = "none",
+    perm: torch.Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
+    two_level: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel. Inputs are validated by :mod:`fastattn.kernels.ops`; this only launches."""
+    b, h, s, d = q.shape
+    spec = Qz.QuantSpec.parse(quant)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bm = block_mask.block_size
+    block_n, warps, stages = tiles or default_tiles(d, spec.qk_bits > 0, bm)
+    block_n = min(block_n, bm)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+    has_perm = perm is not None
+    perm_t = perm if has_perm else torch.zeros(1, dtype=torch.int32, device=q.device)
+    sph = 0 if (not has_perm or perm.dim() == 1) else perm.stride(0)
+
+    qq, kk, vv = q, k, v
+    qs = ks = vs = kmean = dummy
+    perm_qk, perm_v = has_perm, has_perm
+    if spec.qk_bits:
+        quantized = quantize_inputs(q, k, v, spec, perm)
+        (qq, qs), (kk, ks), kmean = quantized["q"], quantized["k"], quantized["kmean"]
+        perm_qk = False  # codes are already in the reordered order
+        if spec.pv_fp8:
+            vv, vs = quantized["v"]
+            perm_v = False
+    if spec.pv_fp8:
+        v_strides = (vv.stride(0), vv.stride(1), vv.stride(3), vv.stride(2))  # logical [B, H, S, D]
+    else:
+        v_strides = vv.stride()
+
+    cnt, idx = block_mask.kv_counts, block_mask.kv_indices
+    grid = (block_mask.num_blocks, b * h)
+    global last_compiled
+    last_compiled = _attn_fwd[grid](
+        qq, kk, vv, out, lse, qs, ks, vs, kmean, cnt, idx, perm_t,
+        *qq.stride(), *kk.stride(), *v_strides, *out.stride(),
+        *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
+        h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
+        PERM_QK=perm_qk, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
+        TWO_LEVEL=two_level, DOT_F32=interpreting(),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse

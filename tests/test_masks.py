@@ -1,0 +1,174 @@
+"""Mask builders against brute-force token-level definitions on small grids."""
+
+import itertools
+
+import pytest
+import torch
+
+from fastattn.masks import AXIS_ORDERS, BlockGeometry, BlockMask, TokenLayout, head_permutations, invert, patterns
+
+
+def token_coords(layout: TokenLayout, order: str = "FHW"):
+    """(F, H, W) coordinates of every image position in ``order`` storage, plus a text flag per token."""
+    f, h, w = layout.grid
+    raster = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    stored = raster.permute(*["FHW".index(a) for a in order], 3).reshape(-1, 3)
+    coords = torch.full((layout.seq_len, 3), -1)
+    coords[layout.image_start : layout.image_start + layout.image_len] = stored
+    is_text = coords[:, 0] < 0
+    return coords, is_text
+
+
+def blocks_from_token_rule(layout, block_size, allowed_tokens):
+    """Block map where a block pair is on iff some token pair satisfies ``allowed_tokens`` [S, S]."""
+    starts, ends = BlockGeometry(layout, block_size).bounds()
+    n = len(starts)
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for i, j in itertools.product(range(n), range(n)):
+        out[i, j] = allowed_tokens[starts[i] : ends[i], starts[j] : ends[j]].any()
+    return out
+
+
+def with_text_dense(rule, is_text):
+    return rule | is_text[:, None] | is_text[None, :]
+
+
+LAYOUTS = [
+    TokenLayout.video(3, 5, 7),
+    TokenLayout.video(4, 3, 9, text_len=11, text_first=True),
+    TokenLayout.video(2, 6, 5, text_len=13, text_first=False),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("order", ["FHW", "HWF", "WFH"])
+def test_window3d_matches_token_definition(layout, order):
+    window = (1, 1, 2)
+    mask = patterns.window3d(layout, window, block_size=8, order=order)
+    coords, is_text = token_coords(layout, order)
+    diff = (coords[:, None, :] - coords[None, :, :]).abs()
+    rule = (diff <= torch.tensor(window)).all(-1) & ~is_text[:, None] & ~is_text[None, :]
+    expected = blocks_from_token_rule(layout, 8, with_text_dense(rule, is_text))
+    assert torch.equal(mask.to_block_map()[0, 0], expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_radial_matches_token_definition(layout):
+    mask = patterns.radial(layout, (4, 4), temporal_window=2, block_size=8)
+    coords, is_text = token_coords(layout)
+    diff = (coords[:, None, :] - coords[None, :, :]).abs()
+    shift = torch.floor(torch.log2(1.0 + diff[..., 0].float())).long()
+    rule = (diff[..., 0] <= 2) & (diff[..., 1] <= (4 >> shift)) & (diff[..., 2] <= (4 >> shift))
+    rule &= ~is_text[:, None] & ~is_text[None, :]
+    expected = blocks_from_token_rule(layout, 8, with_text_dense(rule, is_text))
+    assert torch.equal(mask.to_block_map()[0, 0], expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_band_multidiagonal_and_stripes(layout):
+    s = layout.seq_len
+    img = torch.zeros(s, dtype=torch.bool)
+    img[layout.image_start : layout.image_start + layout.image_len] = True
+    pos = torch.cumsum(img.long(), 0) - 1  # image index of each token
+    d = pos[None, :] - pos[:, None]
+    both = img[:, None] & img[None, :]
+    is_text = ~img
+
+    band = patterns.band(layout, 6, block_size=8)
+    expected = blocks_from_token_rule(layout, 8, with_text_dense(both & (d.abs() <= 6), is_text))
+    assert torch.equal(band.to_block_map()[0, 0], expected)
+
+    f, h, w = layout.grid
+    md = patterns.multi_diagonal(layout, 2, frame_offsets=(-1, 0, 1), block_size=8)
+    rule = torch.zeros(s, s, dtype=torch.bool)
+    for off in (-1, 0, 1):
+        rule |= (d - off * h * w).abs() <= 2
+    expected = blocks_from_token_rule(layout, 8, with_text_dense(both & rule, is_text))
+    assert torch.equal(md.to_block_map()[0, 0], expected)
+
+    st = patterns.vertical_stripes(layout, [(0, 5), (20, 23)], block_size=8, text="self")
+    cols = ((pos >= 0) & (pos < 5)) | ((pos >= 20) & (pos < 23))
+    rule = both & cols[None, :] | (is_text[:, None] & is_text[None, :])
+    assert torch.equal(st.to_block_map()[0, 0], blocks_from_token_rule(layout, 8, rule))
+
+
+def test_geometry_blocks_text_segment_separately():
+    layout = TokenLayout.video(2, 4, 4, text_len=10, text_first=True)  # 10 text + 32 image
+    starts, ends = BlockGeometry(layout, 8).bounds()
+    assert starts.tolist() == [0, 8, 10, 18, 26, 34]
+    assert ends.tolist() == [8, 10, 18, 26, 34, 42]
+    assert BlockGeometry(layout, 8).is_text().tolist() == [True, True, False, False, False, False]
+    suffix = TokenLayout.video(2, 4, 4, text_len=10, text_first=False)
+    starts, ends = BlockGeometry(suffix, 8).bounds()
+    assert starts.tolist() == [0, 8, 16, 24, 32, 40] and ends[-1] == 42
+
+
+def test_arrow_keeps_text_rows_and_columns_dense():
+    layout = TokenLayout.video(1, 8, 16, text_len=40)
+    mask = patterns.arrow(layout, factor=8, block_size=16)
+    bm = mask.to_block_map()[0, 0]
+    text = BlockGeometry(layout, 16).is_text()
+    assert bm[text].all() and bm[:, text].all()
+    assert not bm.all()
+
+
+def test_block_map_round_trip_and_density():
+    torch.manual_seed(0)
+    layout = TokenLayout(100, 7)
+    n = BlockGeometry(layout, 16).num_blocks
+    bm = torch.rand(3, n, n) < 0.4
+    bm[0, 2] = False  # an empty row
+    mask = BlockMask.from_block_map(bm, layout, 16)
+    assert torch.equal(mask.to_block_map()[0], bm)
+    assert mask.kv_counts[0, 0, 2] == 0
+    tok = mask.to_token_mask()
+    assert tok.shape == (1, 3, 100, 100)
+    assert abs(mask.density() - tok.double().mean().item()) < 1e-9
+
+
+def test_union_stack_skip_heads():
+    layout = TokenLayout.video(2, 4, 8)
+    a = patterns.band(layout, 4, block_size=8)
+    b = patterns.vertical_stripes(layout, [(0, 8)], block_size=8)
+    u = a.union(b)
+    assert torch.equal(u.to_block_map(), a.to_block_map() | b.to_block_map())
+    stacked = BlockMask.stack_heads([a, b, u])
+    assert stacked.kv_counts.shape[1] == 3
+    skipped = stacked.skip_heads([1])
+    assert int(skipped.kv_counts[0, 1].sum()) == 0 and torch.equal(skipped.kv_counts[0, 0], a.kv_counts[0, 0])
+
+
+def test_bad_inputs_are_explained():
+    with pytest.raises(ValueError, match="grid"):
+        TokenLayout(50, 0, True, (2, 3, 4))
+    with pytest.raises(ValueError, match="needs the latent grid"):
+        patterns.window3d(TokenLayout(64), (1, 1, 1), 16)
+    with pytest.raises(ValueError, match="order must be one of"):
+        patterns.window3d(TokenLayout.video(2, 2, 2), (1, 1, 1), 4, order="XYZ")
+    with pytest.raises(ValueError, match=r"block_map must be \[\.\.\., 4, 4\]"):
+        BlockMask.from_block_map(torch.ones(3, 3, dtype=torch.bool), TokenLayout(64), 16)
+    with pytest.raises(TypeError, match="torch.bool"):
+        BlockMask.from_block_map(torch.ones(4, 4), TokenLayout(64), 16)
+    with pytest.raises(ValueError, match="density"):
+        patterns.band_for_density(TokenLayout(64), 0.0, 16)
+
+
+def test_permutations_are_axis_orders_with_text_fixed():
+    layout = TokenLayout.video(2, 3, 4, text_len=5, text_first=False)
+    perms = head_permutations(layout, AXIS_ORDERS)
+    assert perms.shape == (6, 29)
+    for p in perms:
+        assert torch.equal(p[24:], torch.arange(24, 29))  # text suffix stays
+        assert torch.equal(torch.sort(p).values, torch.arange(29))
+        assert torch.equal(p[invert(p)], torch.arange(29, dtype=p.dtype))
+    hwf = perms[AXIS_ORDERS.index("HWF")]
+    # in HWF order the first F tokens are the same spatial position (0, 0) across frames
+    assert hwf[:2].tolist() == [0, 12]
+
+
+def test_large_layout_builds_from_blocks_only():
+    """HunyuanVideo 720p: 119,056 tokens; building must not touch S x S (it would be 56 GB)."""
+    layout = TokenLayout.video(33, 45, 80, text_len=256, text_first=False)
+    mask = patterns.window3d(layout, (3, 12, 12), 128)
+    assert mask.num_blocks == 931
+    assert 0.0 < mask.block_density() < 0.5
