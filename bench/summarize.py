@@ -1,0 +1,53 @@
+"""Markdown tables from benchmark JSON: ``python -m fastattn.bench.summarize bench/results/kernels-*.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def kernel_table(records: list[dict]) -> str:
+    """Speedup over cuDNN SDPA per shape, density and quant (no reordering), with the peers."""
+    shapes = list(dict.fromkeys(r["shape"] for r in records))
+    lines = [
+        "| shape | density | fastattn bf16 | fastattn int8-fp8 | fastattn fp8 | bf16 + reorder | FlexAttention | rel-L2 bf16 / int8-fp8 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        rs = [r for r in records if r["shape"] == shape]
+        for dens in (1.0, 0.5, 0.25, 0.1):
+
+            def pick(method, quant="none", reorder=False):
+                for r in rs:
+                    target = r.get("target_density", r["density"])
+                    if r["method"] == method and r["quant"] == quant and r["reorder"] == reorder:
+                        if abs(target - dens) < 0.03 or (
+                            method == "flex_attention" and abs(r["density"] - dens) < 0.03
+                        ):
+                            return r
+                return None
+
+            cells = []
+            for method, quant, reorder in (
+                ("fastattn", "none", False),
+                ("fastattn", "int8-fp8", False),
+                ("fastattn", "fp8", False),
+                ("fastattn", "none", True),
+                ("flex_attention", "none", False),
+            ):
+                r = pick(method, quant, reorder)
+                cells.append("—" if r is None else f"{r['speedup']:.2f}×")
+            b, q = pick("fastattn"), pick("fastattn", "int8-fp8")
+            err = "—" if b is None or q is None else f"{b['rel_l2']:.4f} / {q['rel_l2']:.4f}"
+            lines.append(f"| {shape} | {dens} | " + " | ".join(cells) + f" | {err} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        recs = json.load(open(path))
+        r0 = recs[0]
+        print(
+            f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}; baseline cuDNN SDPA in the same run\n"
+        )
+        print(kernel_table(recs))
