@@ -9,9 +9,15 @@ import math
 
 import pytest
 import torch
-
 from fastattn.kernels import attention_reference, fallback_counts, reset_fallback_counts, sparse_attention
-from fastattn.masks import AXIS_ORDERS, BlockMask, TokenLayout, axis_order_permutation, head_permutations, patterns
+from fastattn.masks import (
+    AXIS_ORDERS,
+    BlockMask,
+    TokenLayout,
+    axis_order_permutation,
+    head_permutations,
+    patterns,
+)
 
 LAYOUTS = {
     "video": TokenLayout.video(3, 4, 7),  # 84 tokens: ragged last block
@@ -172,9 +178,16 @@ def test_torch_compile_traces_the_custom_op():
         (lambda q, k, v, m: sparse_attention(q, k, v, "dense"), TypeError, "BlockMask"),
         (lambda q, k, v, m: sparse_attention(q, k, v, m, quant="int3"), ValueError, "quant must be one of"),
         (lambda q, k, v, m: sparse_attention(q, k, v, m, backend="cuda"), ValueError, "backend must be"),
-        (lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.zeros(48, dtype=torch.long)), ValueError,
-         "permutation"),
-        (lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.arange(47)), ValueError, r"perm must be \[S\]"),
+        (
+            lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.zeros(48, dtype=torch.long)),
+            ValueError,
+            "permutation",
+        ),
+        (
+            lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.arange(47)),
+            ValueError,
+            r"perm must be \[S\]",
+        ),
         (lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.arange(48.0)), TypeError, "int32/int64"),
     ],
 )

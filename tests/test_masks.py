@@ -4,8 +4,15 @@ import itertools
 
 import pytest
 import torch
-
-from fastattn.masks import AXIS_ORDERS, BlockGeometry, BlockMask, TokenLayout, head_permutations, invert, patterns
+from fastattn.masks import (
+    AXIS_ORDERS,
+    BlockGeometry,
+    BlockMask,
+    TokenLayout,
+    head_permutations,
+    invert,
+    patterns,
+)
 
 
 def token_coords(layout: TokenLayout, order: str = "FHW"):
