@@ -41,7 +41,8 @@ def main() -> int:
         ref, ref_lse = attention_reference(q.float(), k.float(), v.float(), mask, perm=perm)
         err = float((out.float() - ref).norm() / ref.norm())
         lse_err = float((lse - ref_lse).abs().max())
-        ok = err <= TOL[quant] and lse_err < 0.1 and bool(torch.isfinite(out).all())
+        lse_tol = 0.25 if quant.startswith("int4") else 0.1
+        ok = err <= TOL[quant] and lse_err < lse_tol and bool(torch.isfinite(out).all())
         failures += not ok
         print(
             f"{'ok ' if ok else 'BAD'} {lname:13s} D={d:3d} {str(dtype)[6:]:8s} {quant:9s} reorder={int(reorder)} "

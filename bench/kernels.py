@@ -35,7 +35,7 @@ SHAPES = {
 }
 SMALL_SHAPES = {"tiny_video": (2, TokenLayout.video(3, 6, 8, text_len=10))}
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-QUANTS = ("none", "int8", "int8-fp8", "int4-fp8", "fp8")
+QUANTS = ("none", "int8-fp8", "int4-fp8", "fp8")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -351,47 +351,47 @@ def print_table(records):
         )
 
 
-def tune(shape_name, configs, densities=(1.0, 0.25), quants=("none", "int8", "int8-fp8", "fp8")):
-    """Sweep tile configs (BLOCK_N, warps, stages) on one shape; prints ms per config."""
+def tune(shape_name, configs, densities=(1.0, 0.25), quants=("none", "fp8")):
+    """Sweep tile configs (BLOCK_N, warps, stages) and TMA on/off on one shape; prints ms and error."""
     from fastattn.kernels import triton_attention as TA
+    from fastattn.kernels.quantize import QuantSpec
 
     h, layout = SHAPES[shape_name]
     q, k, v = make_inputs("random", 1, h, layout, 128, torch.bfloat16, "cuda")
     cudnn = sdpa_ms(q, k, v, "cudnn")
     print(f"{shape_name}: cudnn {cudnn:.3f} ms")
-    rows = []
-    from fastattn.kernels.quantize import QuantSpec
-
     for quant in quants:
         if quant != "none":
             ms = bench_ms(lambda: TA.quantize_inputs(q, k, v, QuantSpec.parse(quant), None), 100)
             print(f"  quantize pre-pass {quant}: {ms:.3f} ms")
+    rows = []
     for density in densities:
         mask = make_mask(layout, density, h, 128, False).to("cuda")
+        st, en = mask.geometry.bounds()
+        check = [0, mask.num_blocks // 2, mask.num_blocks - 1]
+        ref = sampled_reference(q, k, v, mask, None, check, 1 / math.sqrt(128))
         for quant in quants:
+            variants = (
+                [(False, None), (True, None)] if quant.endswith("fp8") else [(False, False), (False, True)]
+            )
             for cfg in configs:
-                for two in (False, True) if quant.endswith("fp8") else (False,):
+                for two, tma in variants:
                     try:
-                        fn = lambda: TA.triton_attention(
-                            q, k, v, mask, None, quant, None, tiles=cfg, two_level=two
-                        )  # noqa: E731
-                        fn()
+                        fn = lambda: TA.triton_attention(q, k, v, mask, None, quant, None, cfg, two, tma)
+                        out, _ = fn()
                         ms = bench_ms(fn, 100)
                     except Exception as e:
-                        print(f"  cfg {cfg} failed: {type(e).__name__} {str(e)[:100]}")
+                        print(f"  cfg {cfg} tma={tma} failed: {type(e).__name__} {str(e)[:300]}")
                         continue
+                    got = torch.cat([out[:, :, int(st[i]) : int(en[i])] for i in check], 2)
+                    err = rel_l2(got, ref)
                     rows.append(
-                        {
-                            "density": density,
-                            "quant": quant,
-                            "cfg": cfg,
-                            "two_level": two,
-                            "ms": ms,
-                            "speedup": cudnn / ms,
-                        }
-                    )
+                        {"density": density, "quant": quant, "cfg": cfg, "two_level": two, "tma": tma, "ms": ms,
+                         "speedup": cudnn / ms, "rel_l2": err}
+                    )  # fmt: skip
                     print(
-                        f"  d={density} {quant:9s} cfg={cfg} two={int(two)} {ms:8.3f} ms  x{cudnn / ms:.2f}",
+                        f"  d={density} {quant:5s} cfg={cfg} two={int(two)} tma={tma} {ms:8.3f} ms "
+                        f"x{cudnn / ms:.2f} err={err:.4f}",
                         flush=True,
                     )
     return rows
@@ -411,7 +411,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("the kernel benchmark needs a CUDA GPU; on the CPU run `fastattn bench --cpu-smoke`")
     if args.tune:
-        cfgs = [(128, 8, 2), (128, 8, 3)]
+        cfgs = [(128, 8, 2), (128, 8, 3), (64, 4, 3), (128, 8, 4)]
         rows = tune(args.tune, cfgs)
         out = Path(os.environ.get("OUT", "bench/results")) / f"tune-{args.tune}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

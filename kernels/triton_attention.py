@@ -60,7 +60,7 @@ def _to_fp8(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, QS, KS, VS, KMEAN, CNT, IDX, PERM,
+    Q, K, V, O, LSE, QS, KS, VS, KMEAN, CNT, IDX, PERM, QD, KD, VD,
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -80,10 +80,14 @@ def _attn_fwd(
     PERM_OUT: tl.constexpr,
     P_SCALE: tl.constexpr,
     TWO_LEVEL: tl.constexpr,
+    TMA_QK: tl.constexpr,  # Hopper: Q/K tiles through the tensor-memory accelerator (descriptors QD/KD)
+    TMA_V: tl.constexpr,  # and V tiles (descriptor VD)
     DOT_F32: tl.constexpr,  # interpreter only: bf16 dots and fp8 rounding are wrong there (see _to_fp8)
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
+    b32 = bh // H
+    h32 = bh % H
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     # 64-bit only for the (batch, head) base; per-element offsets stay 32-bit so the compiler keeps
@@ -104,7 +108,10 @@ def _attn_fwd(
     else:
         prow = rows
     qrow = prow if PERM_QK else rows
-    q = tl.load(Q + qrow[:, None] * sqs + dcol[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    if TMA_QK:
+        q = tl.reshape(QD.load([b32, h32, q_start, 0]), (BLOCK_M, HEAD_DIM))
+    else:
+        q = tl.load(Q + qrow[:, None] * sqs + dcol[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     if QUANT:
         q_scale = tl.load(QS + (b * H + h) * S + rows, mask=row_ok, other=0.0) * qk_scale
         KS += (b * H + h) * S
@@ -129,9 +136,14 @@ def _attn_fwd(
             kcol = pcol if PERM_QK else cols
             # Load [BLOCK_N, D] and transpose in registers: Triton then keeps K's reduction axis
             # contiguous in shared memory, which 8-bit tensor-core products require.
-            kt = tl.trans(
-                tl.load(K + kcol[:, None] * sks + dcol[None, :] * skd, mask=col_ok[:, None], other=0.0)
-            )
+            if TMA_QK:
+                kt = tl.trans(
+                    tl.reshape(KD.load([b32, h32, k_start + sub * BLOCK_N, 0]), (BLOCK_N, HEAD_DIM))
+                )
+            else:
+                kt = tl.trans(
+                    tl.load(K + kcol[:, None] * sks + dcol[None, :] * skd, mask=col_ok[:, None], other=0.0)
+                )
             # s: scores in base-2 units after multiplying by ``s_scale`` (folded into one FMA below)
             if QK_FP8:
                 k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
@@ -160,9 +172,16 @@ def _attn_fwd(
             acc = acc * alpha[:, None]
             if PV_FP8:
                 # FP8 V is stored transposed: load [D, BLOCK_N] (tokens contiguous) and transpose.
-                v = tl.trans(
-                    tl.load(V + cols[None, :] * svs + dcol[:, None] * svd, mask=col_ok[None, :], other=0.0)
-                )
+                if TMA_V:
+                    v = tl.trans(
+                        tl.reshape(VD.load([b32, h32, 0, k_start + sub * BLOCK_N]), (HEAD_DIM, BLOCK_N))
+                    )
+                else:
+                    v = tl.trans(
+                        tl.load(
+                            V + cols[None, :] * svs + dcol[:, None] * svd, mask=col_ok[None, :], other=0.0
+                        )
+                    )
                 if TWO_LEVEL:
                     # Hopper's FP8 MMA accumulates with reduced precision: start each tile from zero
                     # and add into the fp32 accumulator.
@@ -171,7 +190,10 @@ def _attn_fwd(
                     acc = tl.dot(_to_fp8(p * P_SCALE, DOT_F32), v, acc)
             else:
                 vcol = pcol if PERM_V else cols
-                v = tl.load(V + vcol[:, None] * svs + dcol[None, :] * svd, mask=col_ok[:, None], other=0)
+                if TMA_V:
+                    v = tl.reshape(VD.load([b32, h32, k_start + sub * BLOCK_N, 0]), (BLOCK_N, HEAD_DIM))
+                else:
+                    v = tl.load(V + vcol[:, None] * svs + dcol[None, :] * svd, mask=col_ok[:, None], other=0)
                 if DOT_F32:
                     acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
                 else:
@@ -258,8 +280,24 @@ def _mask_strides(t: torch.Tensor, batch: int, heads: int):
     return sb, sh, t.stride(2)
 
 
+def tma_available(q: torch.Tensor) -> bool:
+    """Hopper+ GPU, not the interpreter."""
+    return q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """TMA descriptor over a 4-D tensor (any 16-byte-aligned strides), or None if it is not allowed."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    try:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+    except AssertionError:  # misaligned base or strides: pointer loads serve it
+        return None
+
+
 def default_tiles(head_dim: int, quant: bool, block_m: int):
-    """(BLOCK_N, num_warps, num_stages) for a launch; from the H100 sweep in bench/results/tune-*.json."""
+    """(BLOCK_N, num_warps, num_stages) for a launch; from the H100 sweep in bench/results/tune-*.json
+    (with TMA: bf16 (128, 8, 3) 0.85-0.88x cuDNN dense on Wan-1.3B, quantized (128, 8, 2))."""
     if interpreting():
         return min(block_m, 32), 4, 1
     return (128, 8, 2) if quant else (128, 8, 3)
@@ -319,6 +357,7 @@ def triton_attention(
     perm: torch.Tensor | None = None,
     tiles: tuple[int, int, int] | None = None,
     two_level: bool = False,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel. Inputs are validated by :mod:`fastattn.kernels.ops`; this only launches."""
     b, h, s, d = q.shape
@@ -327,6 +366,8 @@ def triton_attention(
     bm = block_mask.block_size
     block_n, warps, stages = tiles or default_tiles(d, spec.qk_bits > 0, bm)
     block_n = min(block_n, bm)
+    if use_tma is None:
+        use_tma = tma_available(q)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -351,15 +392,25 @@ def triton_attention(
 
     cnt, idx = block_mask.kv_counts, block_mask.kv_indices
     grid = (block_mask.num_blocks, b * h)
+    qd = kd = vd = None
+    if use_tma:
+        if not perm_qk:
+            qd, kd = _descriptor(qq, [1, 1, bm, d]), _descriptor(kk, [1, 1, block_n, d])
+        if spec.pv_fp8:
+            # transposed FP8 V: the token offset is the innermost coordinate and must be 16-byte aligned
+            if block_mask.layout.split % 16 == 0:
+                vd = _descriptor(vv, [1, 1, d, block_n])
+        elif not perm_v:
+            vd = _descriptor(vv, [1, 1, block_n, d])
     global last_compiled
     last_compiled = _attn_fwd[grid](
-        qq, kk, vv, out, lse, qs, ks, vs, kmean, cnt, idx, perm_t,
+        qq, kk, vv, out, lse, qs, ks, vs, kmean, cnt, idx, perm_t, qd, kd, vd,
         *qq.stride(), *kk.stride(), *v_strides, *out.stride(),
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
         h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
         PERM_QK=perm_qk, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
-        TWO_LEVEL=two_level, DOT_F32=interpreting(),
+        TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
