@@ -8,8 +8,24 @@ no GPU, no diffusers until a feature that needs them is used.
 __version__ = "0.1.0"
 
 from .masks import BlockMask, TokenLayout  # noqa: E402  (light: torch only)
+from .pipelines import attach_pipeline_methods as _attach_pipeline_methods  # noqa: E402
 
-__all__ = ["BlockMask", "TokenLayout", "__version__"]
+# Adds pipe.enable_fast_attention / disable_fast_attention to DiffusionPipeline (only if absent) when
+# diffusers is or gets imported; FASTATTN_NO_PIPELINE_METHODS=1 opts out.
+if __name__ == "fastattn":  # not when a host (pytest, ComfyUI) imports this folder under another name
+    _attach_pipeline_methods()
+
+__all__ = ["BlockMask", "TokenLayout", "__version__", "disable", "enable"]
+
+
+def __getattr__(name: str):
+    # enable/disable load the runtime on first use, so `import fastattn` stays light.
+    if name in ("enable", "disable"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
 
 # ComfyUI discovers nodes through these names; they are filled by the node pack when it exists.
 NODE_CLASS_MAPPINGS: dict = {}

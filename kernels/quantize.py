@@ -65,7 +65,7 @@ def quantize_qk_reference(x: torch.Tensor, spec: QuantSpec, block: int = QUANT_B
     else:
         nb = -(-s // QUANT_BLOCK)
         pad = torch.nn.functional.pad(xf.abs(), (0, 0, 0, nb * QUANT_BLOCK - s))
-        amax = pad.view(b, h, nb, QUANT_BLOCK * d).amax(-1)
+        amax = pad.reshape(b, h, nb, QUANT_BLOCK * d).amax(-1)
         amax = amax.repeat_interleave(QUANT_BLOCK, dim=2)[:, :, :s]
     scale = torch.clamp(amax, min=1e-12) / spec.qmax
     if spec.qk_fp8:

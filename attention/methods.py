@@ -1,0 +1,293 @@
+"""Attention methods as small config dataclasses, each turned into block masks by a registered handler.
+
+torchao-style: a method is *data* (a frozen dataclass naming its parameters) plus a handler registered
+for its type, so adding a method never grows an ``if`` chain in the runtime::
+
+    @register_method_handler(MyConfig)
+    def _my_mask(config: MyConfig, layout: TokenLayout, block_size: int) -> BlockMask: ...
+
+Structural methods (``window3d``, ``radial``, ``band``, ``arrow``) take either their geometric parameter
+(``window=``, ``factor=``) or a target ``density`` (fraction of block pairs computed, text rows and columns
+included); a density is met by the smallest window whose mask reaches it. The ``dynamic`` method has no
+structural handler: its blocks are chosen per call from pooled Q/K scores (see ``dynamic.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..masks import patterns
+from ..masks.block_mask import BlockMask
+from ..masks.layout import AXIS_ORDERS, TokenLayout
+
+
+class MethodConfig:
+    """Base of every method config. ``name`` is what users pass as ``method=``."""
+
+    name: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = False
+
+
+def _check_density(density: float | None, name: str) -> None:
+    if density is None:
+        return
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(
+            f"{name}: density must be a fraction in (0, 1] of the block pairs to compute, got {density!r}"
+        )
+
+
+@dataclass(frozen=True)
+class DenseConfig(MethodConfig):
+    """Exact dense attention (the model's own backend; or our kernel with a full mask when quantized)."""
+
+    name: ClassVar[str] = "dense"
+
+
+@dataclass(frozen=True)
+class Window3DConfig(MethodConfig):
+    """3-D local window over the latent grid F x H x W (sliding-tile style); text rows/columns dense.
+
+    Args:
+        window: half-widths ``(wf, wh, ww)`` in latent tokens; or give ``density``.
+        density: target block density; the smallest window reaching it is used.
+        order: raster order of the image tokens (always ``"FHW"`` for diffusers models).
+    """
+
+    name: ClassVar[str] = "window3d"
+    window: tuple[int, int, int] | None = None
+    density: float | None = None
+    order: str = "FHW"
+
+    def __post_init__(self):
+        _check_density(self.density, self.name)
+        if (self.window is None) == (self.density is None):
+            raise ValueError("window3d: give exactly one of window=(wf, wh, ww) or density=")
+        if self.order.upper() not in AXIS_ORDERS:
+            raise ValueError(f"window3d: order must be one of {AXIS_ORDERS}, got {self.order!r}")
+
+
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Radial attention: the spatial window halves each time the frame distance doubles.
+
+    Args:
+        window: spatial half-widths ``(wh, ww)`` at frame distance 0; or give ``density``.
+        temporal_window: largest frame distance attended (``None``: all frames).
+        density: target block density.
+    """
+
+    name: ClassVar[str] = "radial"
+    window: tuple[int, int] | None = None
+    temporal_window: int | None = None
+    density: float | None = None
+
+    def __post_init__(self):
+        _check_density(self.density, self.name)
+        if (self.window is None) == (self.density is None):
+            raise ValueError("radial: give exactly one of window=(wh, ww) or density=")
+
+
+@dataclass(frozen=True)
+class BandConfig(MethodConfig):
+    """1-D band over image tokens in raster order (``|i - j| <= window``); text rows/columns dense."""
+
+    name: ClassVar[str] = "band"
+    window: int | None = None
+    density: float | None = None
+
+    def __post_init__(self):
+        _check_density(self.density, self.name)
+        if (self.window is None) == (self.density is None):
+            raise ValueError("band: give exactly one of window= (tokens) or density=")
+
+
+@dataclass(frozen=True)
+class ArrowConfig(MethodConfig):
+    """DiTFastAttn-v2 arrow attention for joint text+image models: an image band plus all text.
+
+    ``factor`` sets the band to ``image_len / (2 * factor)`` tokens; or give ``density``.
+    """
+
+    name: ClassVar[str] = "arrow"
+    factor: int | None = None
+    density: float | None = None
+
+    def __post_init__(self):
+        _check_density(self.density, self.name)
+        if (self.factor is None) == (self.density is None):
+            raise ValueError("arrow: give exactly one of factor= or density=")
+
+
+@dataclass(frozen=True)
+class DynamicConfig(MethodConfig):
+    """Per-call top-p block selection from pooled Q/K scores (SpargeAttn / Sparse-VideoGen-2 style).
+
+    For every query block, key blocks are taken in decreasing estimated probability mass until ``top_p``
+    of it is covered, then the count is clamped to ``[min_density, max_density]`` of the key blocks. The
+    query block's own block and all text blocks are always kept.
+    """
+
+    name: ClassVar[str] = "dynamic"
+    dynamic: ClassVar[bool] = True
+    top_p: float = 0.9
+    min_density: float = 0.1
+    max_density: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"dynamic: top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_density <= self.max_density <= 1.0 or self.max_density <= 0.0:
+            raise ValueError(
+                "dynamic: need 0 <= min_density <= max_density <= 1 and max_density > 0, got "
+                f"min_density={self.min_density}, max_density={self.max_density}"
+            )
+
+
+METHODS: dict[str, type[MethodConfig]] = {
+    c.name: c for c in (DenseConfig, Window3DConfig, RadialConfig, BandConfig, ArrowConfig, DynamicConfig)
+}
+
+# ------------------------------------------------------------------------------------------ handlers
+
+_HANDLERS: dict[type, Callable[[MethodConfig, TokenLayout, int], BlockMask]] = {}
+
+
+def register_method_handler(config_type: type):
+    """Decorator: ``fn(config, layout, block_size) -> BlockMask`` builds the mask of ``config_type``."""
+
+    def deco(fn):
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def build_mask(config: MethodConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    """The structural block mask of ``config`` on ``layout`` (head-shared, on the CPU)."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"no mask handler registered for {type(config).__name__} (method {config.name!r})")
+    return handler(config, layout, block_size)
+
+
+def method_from_name(method: str, density: float | None = None, **params) -> MethodConfig:
+    """``method="window3d", density=0.3`` -> ``Window3DConfig(density=0.3)``, with clear errors."""
+    if isinstance(method, MethodConfig):
+        return method
+    cls = METHODS.get(str(method).lower())
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - fields
+    if unknown:
+        raise ValueError(
+            f"method {cls.name!r} takes {sorted(fields) or 'no parameters'}; got {sorted(unknown)}"
+        )
+    if density is not None:
+        if "density" not in fields:
+            if cls is DynamicConfig:
+                raise ValueError("dynamic: use top_p=, min_density=, max_density= instead of density=")
+            if cls is DenseConfig and density != 1.0:
+                raise ValueError(f"method 'dense' computes every block (density 1.0); got density={density}")
+        else:
+            params["density"] = density
+    for key in ("window",):
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
+    return cls(**params)
+
+
+# -------------------------------------------------------------------------------- density search
+
+
+def _search(config: MethodConfig, layout: TokenLayout, block_size: int, build: Callable[[float], BlockMask]):
+    """Smallest ``s`` in [0, 1] whose mask reaches ``config.density`` (masks grow with ``s``)."""
+    target = float(config.density)
+    lo_mask = build(0.0)
+    floor = lo_mask.block_density()
+    if floor >= target - 1e-9:
+        if floor > target + 0.02:
+            raise ValueError(
+                f"{config.name}: density {target:g} is impossible on this layout (seq_len "
+                f"{layout.seq_len}, text {layout.text_len}, grid {layout.grid}, block_size {block_size}): "
+                f"the smallest {config.name} mask already computes {floor:.3f} of the blocks. "
+                f"Valid densities here: [{floor:.3f}, 1.0]"
+            )
+        return lo_mask
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = build(mid)
+        if m.block_density() >= target - 1e-9:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best if best is not None else build(1.0)
+
+
+def _grid(layout: TokenLayout, name: str) -> tuple[int, int, int]:
+    if layout.grid is None:
+        raise ValueError(f"{name} needs the latent grid (F, H, W) of the image tokens; this call has none")
+    return layout.grid
+
+
+@register_method_handler(DenseConfig)
+def _dense_mask(config: DenseConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    return patterns.dense(layout, block_size)
+
+
+@register_method_handler(Window3DConfig)
+def _window3d_mask(config: Window3DConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    f, h, w = _grid(layout, "window3d")
+    if config.window is not None:
+        return patterns.window3d(layout, tuple(config.window), block_size, config.order)
+
+    def build(s):
+        win = (round(s * (f - 1)), round(s * (h - 1)), round(s * (w - 1)))
+        return patterns.window3d(layout, win, block_size, config.order)
+
+    return _search(config, layout, block_size, build)
+
+
+@register_method_handler(RadialConfig)
+def _radial_mask(config: RadialConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    f, h, w = _grid(layout, "radial")
+    if config.window is not None:
+        return patterns.radial(layout, tuple(config.window), config.temporal_window, block_size)
+
+    def build(s):
+        # Radial halves the window per doubling of frame distance, so a full window needs 2 * (H, W).
+        win = (round(s * 2 * h), round(s * 2 * w))
+        return patterns.radial(layout, win, config.temporal_window, block_size)
+
+    return _search(config, layout, block_size, build)
+
+
+@register_method_handler(BandConfig)
+def _band_mask(config: BandConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    if config.window is not None:
+        return patterns.band(layout, config.window, block_size)
+    return _search(
+        config, layout, block_size, lambda s: patterns.band(layout, round(s * layout.image_len), block_size)
+    )
+
+
+@register_method_handler(ArrowConfig)
+def _arrow_mask(config: ArrowConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    if config.factor is not None:
+        return patterns.arrow(layout, config.factor, block_size)
+    return _search(
+        config, layout, block_size, lambda s: patterns.band(layout, round(s * layout.image_len), block_size)
+    )
+
+
+def describe(config: MethodConfig) -> dict:
+    """JSON-able description of a method config (for stats and presets)."""
+    out = {"method": config.name}
+    for f in dataclasses.fields(config):
+        out[f.name] = getattr(config, f.name)
+    return out

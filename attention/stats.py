@@ -1,0 +1,56 @@
+"""Counters the runtime keeps: what ran, how sparse, and every dense fallback with its reason."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AttentionStats:
+    """Per-handle counters. Attention work is counted in score-matrix entries ``B * H * S_q * S_kv``."""
+
+    calls: int = 0
+    sparse_calls: int = 0
+    planned_dense: Counter = field(default_factory=Counter)  # dense because the plan says so
+    fallbacks: Counter = field(default_factory=Counter)  # dense because the method could not serve it
+    work_total: float = 0.0  # score entries of every self-attention call
+    work_done: float = 0.0  # entries actually computed
+    forwards: int = 0
+    layers_per_forward: int | None = None
+
+    def add_dense(self, reason: str, work: float, planned: bool) -> None:
+        self.calls += 1
+        (self.planned_dense if planned else self.fallbacks)[reason] += 1
+        self.work_total += work
+        self.work_done += work
+
+    def add_sparse(self, work: float, block_density: float) -> None:
+        self.calls += 1
+        self.sparse_calls += 1
+        self.work_total += work
+        self.work_done += work * block_density
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def as_dict(self) -> dict:
+        """``density``: computed / total attention work over all self-attention calls (1.0 = dense).
+
+        ``est_attention_speedup`` is the upper bound work_total / work_done (attention only; the kernel's
+        per-block efficiency and the non-attention share of the step decide the real end-to-end gain).
+        """
+        density = self.work_done / self.work_total if self.work_total else 1.0
+        return {
+            "calls": self.calls,
+            "sparse_calls": self.sparse_calls,
+            "dense_calls": self.calls - self.sparse_calls,
+            "density": density,
+            "attention_work_saved": 1.0 - density,
+            "est_attention_speedup": (1.0 / density) if density > 0 else float("inf"),
+            "planned_dense": dict(self.planned_dense),
+            "fallbacks": dict(self.fallbacks),
+            "fallback_calls": sum(self.fallbacks.values()),
+            "forwards": self.forwards,
+            "layers_per_forward": self.layers_per_forward,
+        }

@@ -1,0 +1,53 @@
+"""Structural presets: every family's safe/balanced/fast builds a plan; errors list valid choices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastattn.api import make_plan
+from fastattn.presets import LEVELS, preset_names, resolve_preset, structural_presets
+
+FAMILIES = ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "flux2", "qwen_image", "sd3")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_has_documented_levels(family):
+    presets = structural_presets()[family]
+    assert tuple(presets) == LEVELS
+    densities = []
+    for level in LEVELS:
+        p = presets[level]
+        assert "doc" in p and f"{round(p['density'] * 100)}%" in p["doc"]
+        plan = make_plan(family, level)
+        assert plan.method.density == p["density"] and plan.quant == p["quant"]
+        densities.append(p["density"])
+    assert densities == sorted(densities, reverse=True)  # safe is the densest
+
+
+def test_overrides_and_explicit_family():
+    plan = make_plan("wan", "wan/balanced", quant="none", dense_steps=0)
+    assert plan.quant == "none" and plan.dense_steps == 0 and plan.method.name == "window3d"
+
+
+def test_errors_list_valid_choices(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"valid presets here: \['flux/safe', 'flux/balanced', 'flux/fast'\]"
+    ):
+        resolve_preset("turbo", "flux")
+    with pytest.raises(ValueError, match="is for 'wan' models, but this model is 'flux'"):
+        resolve_preset("wan/fast", "flux")
+    with pytest.raises(ValueError, match="families"):
+        resolve_preset("mochi/fast", "flux")
+    with pytest.raises(ValueError, match="not both"):
+        make_plan("wan", "safe", method="band")
+    assert "sd3/fast" in preset_names()
+
+
+def test_local_preset_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"family": "wan", "method": "radial", "density": 0.2, "quant": "int8"}))
+    plan = make_plan("wan", str(path))
+    assert plan.method.name == "radial" and plan.quant == "int8"
+    with pytest.raises(ValueError, match="is for 'wan'"):
+        make_plan("flux", str(path))
