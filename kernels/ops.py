@@ -196,7 +196,8 @@ def sparse_attention(
         block_mask: which key blocks each query block reads; ``None`` means dense.
         scale: softmax scale, default ``1/sqrt(D)``.
         quant: ``"none"``, ``"int8"`` / ``"int4"`` (integer Q·Kᵀ, 16-bit P·V) or ``"int8-fp8"`` /
-            ``"int4-fp8"`` (FP8 P·V on sm_89+; 16-bit P·V elsewhere).
+            ``"int4-fp8"`` (FP8 P·V on sm_89+; 16-bit P·V elsewhere), or ``"fp8"`` (FP8 Q·Kᵀ and P·V on
+            sm_89+; ``"int8"`` elsewhere).
         perm: gather index ``[S]`` or ``[H, S]``: attention runs on the reordered tokens (the mask is in
             that order) and the output comes back in the original order.
         return_lse: also return the natural-log log-sum-exp ``[B, H, S]`` (float32; ``-inf`` for rows
@@ -212,7 +213,8 @@ def sparse_attention(
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if quant.endswith("fp8") and not pv_fp8_supported(q.device):
-        quant = quant[: -len("-fp8")]  # 16-bit P.V on GPUs without FP8 tensor cores
+        # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
+        quant = "int8" if quant == "fp8" else quant[: -len("-fp8")]
     mask = block_mask if block_mask is not None else _dense_mask(s, 128)
 
     if backend == "reference":
