@@ -27,7 +27,6 @@ from ..masks.block_mask import BlockMask
 from . import quantize as Qz
 
 LOG2E = 1.4426950408889634
-last_compiled = None  # the last launched kernel (benchmarks read its registers, spills and PTX)
 LN2 = 0.6931471805599453
 
 
@@ -402,8 +401,7 @@ def triton_attention(
                 vd = _descriptor(vv, [1, 1, d, block_n])
         elif not perm_v:
             vd = _descriptor(vv, [1, 1, block_n, d])
-    global last_compiled
-    last_compiled = _attn_fwd[grid](
+    _attn_fwd[grid](
         qq, kk, vv, out, lse, qs, ks, vs, kmean, cnt, idx, perm_t, qd, kd, vd,
         *qq.stride(), *kk.stride(), *v_strides, *out.stride(),
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
