@@ -1,4 +1,4 @@
-"""The ``fastattn`` command line: ``fastattn bench ...`` (more verbs register in ``COMMANDS``)."""
+"""The ``fastattn`` command line: ``fastattn demo`` and ``fastattn bench``."""
 
 from __future__ import annotations
 
@@ -82,9 +82,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown benchmark {args.what!r}; choose from: kernels (or --cpu-smoke)")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    _use_interpreter_without_gpu()
+    from .testbed.demo import run_demo
+
+    run_demo(out=args.out, steps=args.steps, density=args.density, quant=args.quant, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastattn", description="Fast attention for diffusion transformers.")
     sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser(
+        "demo", help="sample the shipped testbed DiT dense and fast; write a side-by-side GIF/PNG"
+    )
+    d.add_argument("--out", default="fastattn-demo", help="folder for demo.png and demo.gif")
+    d.add_argument("--steps", type=int, default=16, help="sampling steps")
+    d.add_argument("--density", type=float, default=0.3, help="block density of the 3-D window mask")
+    d.add_argument("--quant", default="none", help="none, int8, int8-fp8, fp8 (GPU)")
+    d.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", help="kernel benchmarks (GPU) or a CPU smoke test of every kernel")
     b.add_argument("what", nargs="?", choices=["kernels"], help="which benchmark (GPU)")
     b.add_argument("--cpu-smoke", action="store_true", help="run every kernel variant on a small problem")
