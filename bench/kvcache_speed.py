@@ -1,0 +1,192 @@
+"""GPU decode speed: bf16 ``DynamicCache`` vs fastattn's ``QuantizedKVCache`` (random-weight 7B-class Llama).
+
+A Llama-2-7B-shaped model with GQA (32 layers, hidden 4096, 32 query / 8 KV heads, head_dim 128, MLP 11008,
+~6.7B params) is built from ``LlamaConfig`` with random bf16 weights on the GPU (no downloads). Both caches are
+filled with the same random 8,192-token K/V per layer (decode speed does not depend on the values), then
+``--steps`` greedy decode steps are timed at batch 1 and at a large, memory-bound batch. Each quantized decode
+step dequantizes the packed body straight into the attention input (Triton kernel); there is no fused
+quantized-attention kernel, so attention itself still reads bf16.
+
+    python bench/kvcache_speed.py            # H100, < 5 min: writes bench/results/kvcache-speed-<gpu>.json (or $OUT/)
+    python bench/kvcache_speed.py --tiny     # CPU: tiny config, checks the logic in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: bench/kernels.py and the root's kernels/ would shadow the `kernels` package transformers probes.
+    _here = Path(__file__).resolve()
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (_here.parent, _here.parents[1])]
+
+import torch  # noqa: E402
+from fastattn.kvcache import QuantizedKVCache  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def model_config(tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(
+            vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        )  # fmt: skip
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=16384,
+    )  # fmt: skip
+
+
+def build_model(cfg: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    # Build on the meta device and materialize on the GPU: no 27 GB fp32 init, no host round trip.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    # inv_freq is a buffer, left uninitialized by to_empty: rebuild the rotary module (fp32 frequencies).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
+    return model.eval()
+
+
+def fill(cache, cfg, batch: int, context: int, device: str, dtype: torch.dtype, seed: int = 0) -> None:
+    """Put ``context`` random tokens of K/V into every layer of ``cache`` (as a prefill would)."""
+    heads, hd = cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator(device=device).manual_seed(seed)
+    for li in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, heads, context, hd, device=device, dtype=dtype, generator=g)
+        v = torch.randn(batch, heads, context, hd, device=device, dtype=dtype, generator=g)
+        cache.update(k, v, li)
+        del k, v
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_tps(model, cache, batch: int, steps: int, warmup: int, device: str) -> float:
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    for _ in range(warmup):
+        model(input_ids=tok, past_key_values=cache, use_cache=True)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        tok = logits[:, -1:].argmax(-1)
+    sync(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes held, bf16 bytes for the same tokens)."""
+    if isinstance(cache, QuantizedKVCache):
+        m = cache.memory()
+        return m["total_bytes"], m["bf16_bytes"]
+    n = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 2
+    return n, n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (logic check)")
+    ap.add_argument("--context", type=int, default=None, help="tokens in the cache (default 8192; tiny 256)")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,32; tiny 1,4)")
+    ap.add_argument("--bits", default="4,2", help="quantized widths to time")
+    ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; tiny 8)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    tiny = args.tiny or not torch.cuda.is_available()
+    if not args.tiny and tiny:
+        print("no CUDA device: running the --tiny configuration")
+    device = "cpu" if tiny else "cuda"
+    dtype = torch.float32 if tiny else torch.bfloat16
+    context = args.context or (256 if tiny else 8192)
+    batches = [int(b) for b in (args.batches or ("1,4" if tiny else "1,32")).split(",")]
+    steps = args.steps or (8 if tiny else 64)  # 64 steps include one window flush (residual 32 + group 64)
+    warmup = 2 if tiny else 4
+    cfg = model_config(tiny)
+    gpu = "cpu" if tiny else torch.cuda.get_device_name()
+    t0 = time.time()
+    model = build_model(cfg, device, dtype)
+    print(
+        f"{gpu}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params built in {time.time() - t0:.0f}s"
+    )
+
+    kinds = [("bf16-DynamicCache", None)] + [(f"fastattn-int{b}", int(b)) for b in args.bits.split(",")]
+    records = []
+    for batch in batches:
+        base = None
+        for name, bits in kinds:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            rec = {"cache": name, "batch": batch, "context": context, "steps": steps}
+            try:
+                if bits is None:
+                    cache = DynamicCache(config=cfg)
+                else:
+                    cache = QuantizedKVCache(cfg, bits=bits, residual_length=32, num_sinks=4)
+                fill(cache, cfg, batch, context, device, dtype)
+                held, bf16 = cache_bytes(cache)
+                tps = decode_tps(model, cache, batch, steps, warmup, device)
+                rec.update(tokens_per_s=round(tps, 2), kv_bytes=held, kv_ratio=round(held / bf16, 4))
+                if device == "cuda":
+                    rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if bits is None:
+                    base = tps
+                elif base:
+                    rec["speed_vs_bf16"] = round(tps / base, 3)
+            except torch.OutOfMemoryError as e:
+                rec["error"] = f"OOM: {str(e)[:200]}"
+            finally:
+                cache = None
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+
+    result = {
+        "benchmark": "kvcache_speed",
+        "device": gpu,
+        "model": "random-weight Llama, 7B-class (32 layers, 4096 hidden, 32/8 heads, head_dim 128)"
+        if not tiny
+        else "tiny",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "elapsed_s": round(time.time() - t0, 1),
+        "records": records,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+    out = args.out or os.path.join(
+        os.environ.get("OUT") or str(Path(__file__).parent / "results"), f"kvcache-speed-{slug}.json"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'cache':20s} {'batch':>5s} {'tok/s':>9s} {'vs bf16':>8s} {'KV ratio':>8s} {'peak GiB':>8s}")
+    for r in records:
+        print(
+            f"{r['cache']:20s} {r['batch']:5d} {r.get('tokens_per_s', float('nan')):9.1f} "
+            f"{r.get('speed_vs_bf16', 1.0 if r['cache'].startswith('bf16') else float('nan')):8.3f} "
+            f"{r.get('kv_ratio', float('nan')):8.3f} {r.get('peak_gib', float('nan')):8.2f} {r.get('error', '')}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""``QuantizedKVCache``: a transformers 5.x ``Cache`` with one :class:`QuantizedKVLayer` per model layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from .layer import QuantizedKVLayer
+from .pack import check_bits
+
+_FULL = {"full_attention"}
+_SLIDING = {"sliding_attention", "chunked_attention"}
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` of a decoder config."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        layers = cfg.num_hidden_layers
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    except AttributeError as e:
+        raise TypeError(
+            f"expected a decoder config with num_hidden_layers/num_attention_heads, got {type(cfg)}"
+        ) from e
+    return layers, heads, head_dim
+
+
+def projected_layer_bytes(
+    bits: int,
+    tokens: int,
+    kv_heads: int,
+    head_dim: int,
+    batch: int = 1,
+    key_group: tuple[int, int] = (64, 1),
+    value_group: tuple[int, int] = (1, 64),
+    residual_length: int = 32,
+    num_sinks: int = 4,
+    worst_case: bool = True,
+) -> int:
+    """Bytes one layer holds for ``tokens`` tokens (K + V; fp parts as bf16, meta as fp16).
+
+    ``worst_case`` assumes the full-precision window is at its largest (``residual_length + flush - 1``), which
+    is what a budget must allow for.
+    """
+    flush = max(key_group[0], value_group[0])
+    sinks = min(num_sinks, tokens)
+    rest = tokens - sinks
+    if worst_case:
+        window = min(rest, residual_length + flush - 1)
+        body = ((rest - window) // flush) * flush if rest > window else 0
+        window = rest - body
+    else:
+        body = max(rest - residual_length, 0) // flush * flush
+        window = rest - body
+    per_elem = 2.0 if bits == 16 else bits / 8
+    unit = batch * kv_heads
+    total = (sinks + window) * head_dim * 2 * 2 * unit + body * head_dim * 2 * per_elem * unit
+    if bits != 16:
+        for gr, gc in (key_group, value_group):
+            total += unit * (body // gr) * (head_dim // gc) * 4  # fp16 scale + zero per group
+    return int(math.ceil(total))
+
+
+class QuantizedKVCache(Cache):
+    """KV cache with packed INT8/INT4/INT2 storage, sinks and a full-precision recent window.
+
+    Build it from a model config (layer types, so sliding-window layers get sliding cache layers) or from a
+    layer count. Fixed-width mode: ``bits`` (or per-layer ``layer_bits``). PM-KVQ progressive mode:
+    ``budget_bytes`` (total, split evenly) or ``layer_budgets`` (per layer, e.g. from
+    :func:`fastattn.kvcache.calibrate.allocate_budgets`); layers start at 16 bits and halve down to ``bits``.
+
+    ``key_scales``: per-layer ``[kv_heads, head_dim]`` key divisors (or ``None``), from
+    :func:`fastattn.kvcache.calibrate.calibrate_key_scales`.
+
+    Example::
+
+        cache = QuantizedKVCache.from_model(model, bits=4)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        cache.memory()["ratio"]  # packed bytes / bf16 bytes
+    """
+
+    def __init__(
+        self,
+        config=None,
+        *,
+        num_layers: int | None = None,
+        bits: int = 4,
+        layer_bits: Sequence[int] | None = None,
+        key_group: int = 64,
+        value_group: int = 64,
+        key_mode: str = "channel",
+        value_mode: str = "token",
+        residual_length: int = 32,
+        num_sinks: int = 4,
+        budget_bytes: float | None = None,
+        layer_budgets: Sequence[float] | None = None,
+        budget_context: int | None = None,
+        batch_size: int = 1,
+        key_scales: Sequence[torch.Tensor | None] | None = None,
+        backend: str = "auto",
+    ):
+        check_bits(bits)
+        if config is None and num_layers is None:
+            raise ValueError("QuantizedKVCache needs a model config or num_layers")
+        if config is not None:
+            cfg = config.get_text_config(decoder=True)
+            layer_types, layer_kwargs = get_layer_types_and_kwargs(cfg)
+            bad = sorted(set(layer_types) - _FULL - _SLIDING)
+            if bad:
+                raise ValueError(
+                    f"QuantizedKVCache supports full_attention and sliding/chunked attention layers; this model "
+                    f"has {bad} layers"
+                )
+            windows = [
+                kw.get("sliding_window") if t in _SLIDING else None
+                for t, kw in zip(layer_types, layer_kwargs)
+            ]
+        else:
+            windows = [None] * num_layers
+        n = len(windows)
+        if layer_bits is not None:
+            if len(layer_bits) != n:
+                raise ValueError(f"layer_bits has {len(layer_bits)} entries for {n} layers")
+            for b in layer_bits:
+                check_bits(b)
+        if budget_bytes is not None and layer_budgets is not None:
+            raise ValueError("pass either budget_bytes (total) or layer_budgets (per layer), not both")
+        if budget_bytes is not None:
+            if not budget_bytes > 0:
+                raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
+            layer_budgets = [budget_bytes / n] * n
+        if layer_budgets is not None and len(layer_budgets) != n:
+            raise ValueError(f"layer_budgets has {len(layer_budgets)} entries for {n} layers")
+        if key_scales is not None and len(key_scales) != n:
+            raise ValueError(f"key_scales has {len(key_scales)} entries for {n} layers")
+
+        self.settings = dict(
+            key_group=key_group,
+            value_group=value_group,
+            key_mode=key_mode,
+            value_mode=value_mode,
+            residual_length=residual_length,
+            num_sinks=num_sinks,
+        )
+        layers = [
+            QuantizedKVLayer(
+                bits=layer_bits[i] if layer_bits is not None else bits,
+                # a None entry keeps that layer in fixed-width mode
+                budget_bytes=layer_budgets[i] if layer_budgets is not None else None,
+                sliding_window=windows[i],
+                key_scale=key_scales[i] if key_scales is not None else None,
+                backend=backend,
+                **self.settings,
+            )
+            for i in range(n)
+        ]
+        if layer_budgets is not None and budget_context is not None and config is not None:
+            _, heads, head_dim = kv_geometry(config)
+            for i, layer in enumerate(layers):
+                if layer_budgets[i] is None:
+                    continue
+                tokens = (
+                    budget_context
+                    if windows[i] is None
+                    else min(budget_context, windows[i] + layer.flush_unit)
+                )
+                need = projected_layer_bytes(
+                    layer.min_bits,
+                    tokens,
+                    heads,
+                    head_dim,
+                    batch_size,
+                    layer.key_group,
+                    layer.value_group,
+                    residual_length,
+                    layer.num_sinks,
+                )
+                if need > layer_budgets[i]:
+                    raise ValueError(
+                        f"impossible KV budget for layer {i}: {layer_budgets[i]:.0f} bytes < {need} bytes needed for "
+                        f"{tokens} tokens at {layer.min_bits} bits"
+                    )
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> QuantizedKVCache:
+        """Build a cache for ``model`` after checking that it is a decoder that uses transformers' Cache API."""
+        config = getattr(model, "config", None)
+        can_generate = getattr(model, "can_generate", None)
+        if config is None or not callable(can_generate) or not can_generate():
+            raise TypeError(
+                f"expected a transformers causal LM that supports the Cache API (generate/past_key_values), got "
+                f"{type(model).__name__}"
+            )
+        if getattr(config, "is_encoder_decoder", False):
+            raise TypeError(
+                f"encoder-decoder models are not supported ({type(model).__name__}); use a decoder-only LM"
+            )
+        return cls(config, **kwargs)
+
+    def memory(self) -> dict:
+        """Totals over layers: packed/fp/total bytes, the bf16 equivalent, their ``ratio`` and per-layer bits."""
+        per = [layer.memory() for layer in self.layers]
+        out = {k: sum(p[k] for p in per) for k in ("packed_bytes", "fp_bytes", "total_bytes", "bf16_bytes")}
+        out["ratio"] = out["total_bytes"] / out["bf16_bytes"] if out["bf16_bytes"] else float("nan")
+        out["layer_bits"] = [p["bits"] for p in per]
+        return out

