@@ -61,18 +61,13 @@ def _mean(model, cases, make):
     return {k: sum(r[k] for r in rs) / len(rs) for k in ("top1", "kl", "ppl_ratio")}, rs
 
 
-def test_prompts_engage_the_quantized_body(smol):
-    model, _, cases = smol
-    assert all(ids.shape[1] > 80 for ids, _ in cases)
-    _, rs = _mean(model, cases[:1], lambda: QuantizedKVCache.from_model(model, bits=4))
-    assert rs[0]["memory"]["packed_bytes"] > 0
-
-
 def test_int4_teacher_forced_on_real_weights(smol):
     model, _, cases = smol
-    m, _ = _mean(
+    assert all(ids.shape[1] > 80 for ids, _ in cases)
+    m, rs = _mean(
         model, cases, lambda: QuantizedKVCache.from_model(model, bits=4, residual_length=32, num_sinks=4)
     )
+    assert all(r["memory"]["packed_bytes"] > 0 for r in rs)  # the prompts reach the quantized body
     assert m["top1"] >= 0.95 and m["kl"] <= 0.02 and m["ppl_ratio"] < 1.05, m
     try:
         import optimum.quanto  # noqa: F401
@@ -82,10 +77,10 @@ def test_int4_teacher_forced_on_real_weights(smol):
 
     mq, _ = _mean(
         model,
-        cases,
+        cases[:1],  # one prompt: quanto's per-step overhead is high on CPU
         lambda: QuantizedCache("quanto", model.config, nbits=4, q_group_size=64, residual_length=32),
     )
-    assert m["kl"] < mq["kl"], (m, mq)  # ours beats the peer at the same width and window
+    assert rs[0]["kl"] < mq["kl"], (rs[0], mq)  # ours beats the peer at the same width and window
 
 
 def test_progressive_budget_on_real_weights(smol):
