@@ -15,7 +15,10 @@ from __future__ import annotations
 from .attention.methods import METHODS, method_from_name
 from .attention.plan import AttentionPlan
 
-_PLAN_KNOBS = ("quant", "dense_steps", "dense_layers", "start_percent", "end_percent", "block_size")
+_PLAN_KNOBS = (
+    "quant", "dense_steps", "dense_layers", "start_percent", "end_percent", "block_size", "residual",
+    "residual_refresh",
+)  # fmt: skip
 
 
 def make_plan(
@@ -74,6 +77,8 @@ def enable(
     start_percent: float | None = None,
     end_percent: float | None = None,
     block_size: int | None = None,
+    residual: bool | None = None,
+    residual_refresh: int | None = None,
     num_steps: int | None = None,
     **method_params,
 ):
@@ -89,6 +94,7 @@ def enable(
         quant: ``"none"``, ``"int8"``, ``"int8-fp8"``, ``"int4"``, ``"int4-fp8"``, ``"fp8"``.
         dense_steps, dense_layers, start_percent, end_percent: where attention stays exact.
         block_size: mask block size (128 for the GPU kernel; smaller only for CPU tests).
+        residual, residual_refresh: DiTFastAttn residual sharing (see :class:`AttentionPlan`).
         num_steps: denoising steps (only needed for start/end_percent when enabling a bare transformer).
 
     Enabling an already enabled model replaces its plan cleanly (the old handle is disabled first).
@@ -108,6 +114,8 @@ def enable(
         start_percent=start_percent,
         end_percent=end_percent,
         block_size=block_size,
+        residual=residual,
+        residual_refresh=residual_refresh,
     )
     # Validate everything before touching any model.
     plans = [

@@ -1,4 +1,4 @@
-"""The ``fastattn`` command line: ``fastattn demo`` and ``fastattn bench``."""
+"""The ``fastattn`` command line: ``fastattn demo``, ``fastattn eval`` and ``fastattn bench``."""
 
 from __future__ import annotations
 
@@ -70,23 +70,32 @@ def cpu_smoke(seed: int = 0) -> list[dict]:
     return rows
 
 
+BENCHMARKS = {
+    "kernels": "fastattn.bench.kernels",  # kernel speed and accuracy vs cuDNN / FA2 / FlexAttention (GPU)
+    "e2e": "fastattn.bench.e2e",  # diffusers transformers at real shapes, random weights (GPU)
+    "quality": "fastattn.bench.quality",  # presets and methods on the learned testbed (GPU; --tiny on CPU)
+    "kvcache-quality": "fastattn.bench.kvcache_quality",  # quantized KV cache on real SmolLM2 (CPU)
+    "kvcache-speed": "fastattn.bench.kvcache_speed",  # decode speed, 7B-class Llama (GPU; --tiny on CPU)
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.cpu_smoke or args.what is None:
         cpu_smoke()
         return
-    if args.what == "kernels":
-        from .bench import kernels
+    import importlib
 
-        kernels.main(args.rest)
-    else:
-        raise SystemExit(f"unknown benchmark {args.what!r}; choose from: kernels (or --cpu-smoke)")
+    rc = importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
+    if rc:
+        raise SystemExit(rc)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     _use_interpreter_without_gpu()
     from .testbed.demo import run_demo
 
-    run_demo(out=args.out, steps=args.steps, density=args.density, quant=args.quant, device=args.device)
+    run_demo(out=args.out, steps=args.steps, preset=args.preset, method=args.method, density=args.density,
+             quant=args.quant, device=args.device, frames=args.frames, size=args.size)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="fastattn-demo", help="folder for demo.png and demo.gif")
     d.add_argument("--steps", type=int, default=16, help="sampling steps")
-    d.add_argument("--density", type=float, default=0.3, help="block density of the 3-D window mask")
-    d.add_argument("--quant", default="none", help="none, int8, int8-fp8, fp8 (GPU)")
+    d.add_argument("--preset", default="balanced", help="testbed preset: safe, balanced or fast")
+    d.add_argument(
+        "--method", default=None, help="a method instead of the preset (window3d, dynamic, band...)"
+    )
+    d.add_argument("--density", type=float, default=None, help="the method's block density")
+    d.add_argument("--quant", default=None, help="none, int8, int8-fp8, fp8 (default: the preset's)")
+    d.add_argument("--frames", type=int, default=None, help="clip length (default: 8 on CPU, 16 on GPU)")
+    d.add_argument(
+        "--size", type=int, default=None, help="frame size in pixels (default: 48 on CPU, 64 on GPU)"
+    )
     d.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     d.set_defaults(func=cmd_demo)
-    b = sub.add_parser("bench", help="kernel benchmarks (GPU) or a CPU smoke test of every kernel")
-    b.add_argument("what", nargs="?", choices=["kernels"], help="which benchmark (GPU)")
+    from .evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    b = sub.add_parser(
+        "bench", help="the benchmarks (JSON under bench/results/), or a CPU smoke test of the kernels"
+    )
+    b.add_argument("what", nargs="?", choices=sorted(BENCHMARKS), help="which benchmark")
     b.add_argument("--cpu-smoke", action="store_true", help="run every kernel variant on a small problem")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=cmd_bench)

@@ -56,6 +56,51 @@ def _pool(x: torch.Tensor, split: int, block_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
+def _sample_plan(layout: TokenLayout, block_size: int, rows: int, group: int, device):
+    """Sampled query rows per block ``[nQ * rows]`` and the key-group id of every token ``[S]``."""
+    key = ("sample", layout, block_size, rows, group, device)
+    hit = _GEOM_CACHE.get(key)
+    if hit is None:
+        starts, ends = BlockGeometry(layout, block_size).bounds()
+        sizes = ends - starts
+        # Evenly spaced rows inside each block (repeats in blocks shorter than ``rows``: harmless).
+        pos = starts[:, None] + (torch.arange(rows)[None, :] * sizes[:, None]) // rows
+        per_block = -(-block_size // group)
+        owner = torch.repeat_interleave(torch.arange(len(starts)), sizes)
+        offset = torch.arange(layout.seq_len) - starts[owner]
+        gid = owner * per_block + offset // group
+        counts = torch.bincount(gid, minlength=len(starts) * per_block).float()
+        hit = (pos.flatten().to(device), gid.to(device), counts.to(device), per_block)
+        if len(_GEOM_CACHE) > 64:
+            _GEOM_CACHE.clear()
+        _GEOM_CACHE[key] = hit
+    return hit
+
+
+def _sampled_block_mass(q, k, layout, block_size, scale, rows, group) -> torch.Tensor:
+    """``[B, H, nQ, nK]`` softmax mass per key block, averaged over ``rows`` sampled queries per block.
+
+    Keys are mean-pooled over groups of ``group`` neighbouring tokens within a block, and each group's
+    score gets ``+ log(group size)``, so the softmax over groups approximates the softmax over tokens.
+    Heads are processed in chunks to bound the score matrix's memory.
+    """
+    pos, gid, counts, per_block = _sample_plan(layout, block_size, rows, group, q.device)
+    b, h, s, d = k.shape
+    n = len(counts) // per_block
+    bias = torch.where(counts > 0, counts.clamp(min=1).log(), float("-inf"))
+    out = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32)
+    chunk = max(1, (1 << 27) // max(1, b * pos.numel() * len(counts)))
+    for h0 in range(0, h, chunk):
+        hs = slice(h0, min(h, h0 + chunk))
+        kp = torch.zeros(b, hs.stop - h0, len(counts), d, device=q.device, dtype=torch.float32)
+        kp.index_add_(2, gid, k[:, hs].float())
+        kp /= counts.clamp(min=1)[:, None]
+        scores = (q[:, hs].index_select(2, pos).float() @ kp.transpose(-1, -2)) * scale + bias
+        mass = scores.softmax(-1).view(b, hs.stop - h0, n, rows, n, per_block).sum(-1).mean(3)
+        out[:, hs] = mass
+    return out
+
+
 def select_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -75,10 +120,12 @@ def select_blocks(
     sizes, is_text, split = _geometry(layout, block_size, q.device)
     n = sizes.numel()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qp = _pool(q, split, block_size) / sizes[:, None]
-    kp = _pool(k, split, block_size) / sizes[:, None]
-    scores = (qp @ kp.transpose(-1, -2)) * scale + sizes.log()
-    probs = scores.softmax(-1)
+    if config.estimator == "sampled":
+        probs = _sampled_block_mass(q, k, layout, block_size, scale, config.sample_rows, config.key_group)
+    else:
+        qp = _pool(q, split, block_size) / sizes[:, None]
+        kp = _pool(k, split, block_size) / sizes[:, None]
+        probs = ((qp @ kp.transpose(-1, -2)) * scale + sizes.log()).softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     # Keep a block while the mass before it is below top_p (so the block crossing top_p is kept).
     keep = (sorted_p.cumsum(-1) - sorted_p) < config.top_p

@@ -29,6 +29,13 @@ class AttentionPlan:
             is in ``[start_percent, end_percent)``; outside it attention is dense. Needs the step count,
             known when enabled on a pipeline (else pass ``num_steps=``).
         block_size: mask block size in tokens (128 for the GPU kernel; smaller only on the CPU).
+        residual: DiTFastAttn's residual sharing (WA-RS). At the last dense step before the method takes
+            over, each layer computes both the dense and the sparse output and keeps
+            ``R = dense - sparse``; later sparse calls return ``sparse + R``. What the sparse pattern
+            misses (mostly slowly changing global context) is carried over from the last exact step.
+            Costs one ``[B, S, H, D]`` tensor per layer and CFG pass.
+        residual_refresh: with ``residual``, every ``residual_refresh``-th sparse step recomputes the
+            dense output and refreshes ``R`` (0: capture once, never refresh).
     """
 
     method: MethodConfig = field(default_factory=DenseConfig)
@@ -38,6 +45,8 @@ class AttentionPlan:
     start_percent: float = 0.0
     end_percent: float = 1.0
     block_size: int = 128
+    residual: bool = False
+    residual_refresh: int = 0
 
     def __post_init__(self):
         if not isinstance(self.method, MethodConfig):
@@ -52,6 +61,12 @@ class AttentionPlan:
             )
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.residual, bool):
+            raise TypeError(f"residual must be True or False, got {self.residual!r}")
+        if not isinstance(self.residual_refresh, int) or self.residual_refresh < 0:
+            raise ValueError(f"residual_refresh must be a non-negative int, got {self.residual_refresh!r}")
+        if self.residual_refresh and not self.residual:
+            raise ValueError("residual_refresh needs residual=True")
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
 
     @property
@@ -76,6 +91,17 @@ class AttentionPlan:
             return "method dense"
         return None
 
+    def residual_action(self, ctx: AttentionContext) -> str | None:
+        """For a call the method serves, with residual sharing: ``"capture"`` (run dense, keep
+        ``dense - sparse``), ``"apply"`` (``sparse + R``), else ``None`` (no residual sharing)."""
+        if not self.residual:
+            return None
+        if self.residual_refresh:
+            first = max(self.dense_steps, 0)
+            if (ctx.step - first) % self.residual_refresh == 0 and ctx.step > first:
+                return "capture"
+        return "apply"
+
     def describe(self) -> dict:
         d = describe(self.method)
         d.update(
@@ -85,5 +111,7 @@ class AttentionPlan:
             start_percent=self.start_percent,
             end_percent=self.end_percent,
             block_size=self.block_size,
+            residual=self.residual,
+            residual_refresh=self.residual_refresh,
         )
         return d

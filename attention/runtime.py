@@ -101,6 +101,8 @@ class AttentionRuntime:
         self.stats = AttentionStats()
         self.masks = MaskCache()
         self.state: ForwardState | None = None
+        # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
+        self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self._outer: AttentionRuntime | None = None
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
@@ -108,6 +110,8 @@ class AttentionRuntime:
         global _current
         step, branch = self.tracker.advance(timestep)
         self.state = ForwardState(layout, step, self.num_steps(), branch, timestep)
+        if step == 0 and branch == 0:
+            self.residuals.clear()  # a new run: residuals of the last one describe other latents
         self._outer, _current = _current, self
 
     def end_forward(self) -> None:
@@ -121,6 +125,10 @@ class AttentionRuntime:
     def reset_run(self) -> None:
         """End of a pipeline call: the next forward is step 0 of a new run."""
         self.tracker.reset()
+        self.residuals.clear()
+
+    def residual_bytes(self) -> int:
+        return sum(r.numel() * r.element_size() for r in self.residuals.values())
 
     # ------------------------------------------------------------------ one attention call
     def _layout_for(self, seq_len: int) -> TokenLayout | None:
@@ -157,25 +165,49 @@ class AttentionRuntime:
             return self._dense(query, key, value, attn_mask, scale, reason, False, work)
         st = self.state
         ctx = AttentionContext(layer, st.step, st.num_steps, st.cfg_branch, layout, st.timestep)
-        planned = self.plan.dense_reason(ctx, self.num_layers)
-        if planned is not None:
+        plan = self.plan
+        planned = plan.dense_reason(ctx, self.num_layers)
+        capture_now = plan.residual and planned == "dense_steps" and ctx.step == plan.dense_steps - 1
+        if planned is not None and not capture_now:
             return self._dense(query, key, value, attn_mask, scale, planned, True, work)
         if query.dtype == torch.float32 and query.is_cuda:
             return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work)
+        if not plan.residual:
+            return self._method(query, key, value, attn_mask, scale, layout, work)
+        return self._with_residual(query, key, value, attn_mask, scale, layout, work, ctx, capture_now)
 
+    def _with_residual(self, query, key, value, attn_mask, scale, layout, work, ctx, capture_now):
+        """WA-RS: capture ``R = dense - sparse`` at exact steps, return ``sparse + R`` in between."""
+        slot = (ctx.layer, ctx.cfg_branch)
+        r = self.residuals.get(slot)
+        action = "capture" if capture_now else self.plan.residual_action(ctx)
+        if action == "apply" and (r is None or r.shape != query.shape[:3] + value.shape[-1:]):
+            action = "capture"  # nothing (or a stale shape) to apply: this call runs exact
+        if action == "capture":
+            sparse = self._method(query, key, value, attn_mask, scale, layout, work, count=False)
+            dense = self._dense(query, key, value, attn_mask, scale, "residual capture (WA-RS)", True, work)
+            self.residuals[slot] = dense - sparse
+            return dense
+        return self._method(query, key, value, attn_mask, scale, layout, work) + r
+
+    def _method(self, query, key, value, attn_mask, scale, layout, work, count: bool = True):
+        """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
+        b, s = query.shape[:2]
         keep = None
         if attn_mask is not None:
             keep, why = _key_padding(attn_mask, b, s, layout)
             if why is not None:
+                if not count:
+                    return self.dense_fn(query, key, value, attn_mask, scale)
                 return self._dense(query, key, value, attn_mask, scale, why, False, work)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D] views, no copy
         if keep is None:
-            out = self._sparse(q, k, v, layout, scale, work)
+            out = self._sparse(q, k, v, layout, scale, work, count)
         else:
-            out = self._sparse_key_padding(q, k, v, keep, layout, scale, work)
+            out = self._sparse_key_padding(q, k, v, keep, layout, scale, work, count)
         return out.transpose(1, 2)
 
-    def _sparse(self, q, k, v, layout, scale, work):
+    def _sparse(self, q, k, v, layout, scale, work, count: bool = True):
         plan = self.plan
         if plan.method.dynamic:
             mask = select_blocks(q, k, layout, plan.method, plan.block_size, scale)
@@ -189,6 +221,8 @@ class AttentionRuntime:
         out = self.sparse_fn(q, k, v, mask, scale=scale, quant=plan.quant)
         after = kernel_ops.fallback_counts()
         kernel = {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0)}
+        if not count:
+            return out  # the companion sparse call of a residual capture, which counts as one dense call
         if kernel:
             for reason, n in kernel.items():
                 self.stats.add_dense(f"kernel: {reason}", work / max(1, sum(kernel.values())) * n, False)
@@ -196,7 +230,7 @@ class AttentionRuntime:
             self.stats.add_sparse(work, mask.block_density())
         return out
 
-    def _sparse_key_padding(self, q, k, v, keep, layout, scale, work):
+    def _sparse_key_padding(self, q, k, v, keep, layout, scale, work, count: bool = True):
         """Exact attention under a key-padding mask: sparse over the kept tokens, dense for dropped rows.
 
         Dropped tokens are text padding: the kept tokens form a shorter layout with fewer text tokens;
@@ -215,7 +249,7 @@ class AttentionRuntime:
             sub = TokenLayout(n_keep, layout.text_len - drop_text, layout.text_first, layout.grid)
             qk, kk, vk = (x[sl].index_select(2, idx) for x in (q, k, v))
             out[sl].index_copy_(
-                2, idx, self._sparse(qk, kk, vk, sub, scale, work * n_keep**2 / layout.seq_len**2)
+                2, idx, self._sparse(qk, kk, vk, sub, scale, work * n_keep**2 / layout.seq_len**2, count)
             )
             if drop_text:
                 dropped = (~keep[sl.start]).nonzero().flatten()

@@ -89,7 +89,7 @@ class BlockMask:
         return out[..., :n]
 
     def to_token_mask(self) -> torch.Tensor:
-        """Boolean ``[Bm, Hm, S, S]`` (tests only: quadratic)."""
+        """Boolean ``[Bm, Hm, S, S]`` (quadratic: tests and short CPU sequences only)."""
         starts, ends = self.geometry.bounds()
         owner = torch.repeat_interleave(torch.arange(len(starts)), ends - starts)
         bm = self.to_block_map()

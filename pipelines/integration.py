@@ -95,6 +95,7 @@ class ModelHandle:
             if model.__dict__.get(_ATTR) is self:
                 delattr(model, _ATTR)
         self.runtime.masks.clear()
+        self.runtime.residuals.clear()
         self.enabled = False
 
     def stats(self) -> dict:
@@ -106,6 +107,7 @@ class ModelHandle:
             "layers_per_forward": len(self.self_attention_paths),
             "enabled": self.enabled,
             "mask_builds": self.runtime.masks.builds,
+            "residual_bytes": self.runtime.residual_bytes(),
         }
         out.update(self.runtime.stats.as_dict())
         out["layers_per_forward"] = len(self.self_attention_paths)

@@ -13,7 +13,10 @@ from pathlib import Path
 
 PRESET_DIR = Path(__file__).parent
 LEVELS = ("safe", "balanced", "fast")
-PLAN_FIELDS = ("method", "density", "quant", "dense_steps", "dense_layers", "start_percent", "end_percent")
+PLAN_FIELDS = (
+    "method", "density", "quant", "dense_steps", "dense_layers", "start_percent", "end_percent", "residual",
+    "residual_refresh",
+)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)

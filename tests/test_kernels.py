@@ -236,3 +236,29 @@ def test_tma_descriptor_path_matches_reference(quant, reorder):
     ref, ref_lse = attention_reference(q, k, v, mask, quant=quant, perm=perm)
     assert rel(out, ref) < (1e-2 if quant in ("none", "int8") else 3e-2)
     assert (lse - ref_lse).abs().max() < (1e-2 if quant in ("none", "int8") else 5e-2)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8-fp8"])
+def test_reference_block_loop_equals_masked_product(monkeypatch, quant):
+    """The reference has two exact paths (one masked product for short sequences, a per-block loop for
+    long ones): they agree with each other, with empty rows, and with masked SDPA."""
+    from fastattn.kernels import reference
+
+    layout = LAYOUTS["text_prefix"]
+    n = BlockMask.dense(layout, BS).num_blocks
+    g = torch.Generator().manual_seed(3)
+    bm = torch.rand(2, n, n, generator=g) < 0.5
+    bm[1, 2] = False  # an empty query block row
+    mask = BlockMask.from_block_map(bm, layout, BS)
+    q, k, v = inputs(layout, dtype=torch.float32)
+    short, lse_short = attention_reference(q, k, v, mask, quant=quant)
+    monkeypatch.setattr(reference, "MASKED_PRODUCT_LIMIT", 0)
+    loop, lse_loop = attention_reference(q, k, v, mask, quant=quant)
+    torch.testing.assert_close(short, loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_short, lse_loop, rtol=1e-5, atol=1e-5)
+    lo, hi = (int(x[2]) for x in mask.geometry.bounds())
+    assert (short[0, 1, lo:hi] == 0).all() and torch.isinf(lse_short[0, 1, lo:hi]).all()
+    if quant == "none":
+        ref = masked_sdpa(q, k, v, mask)
+        rows = lse_short.isfinite()
+        torch.testing.assert_close(short[rows], ref[rows], rtol=1e-5, atol=1e-5)

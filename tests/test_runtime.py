@@ -156,3 +156,94 @@ def test_impossible_density_names_the_valid_range():
     with pytest.raises(ValueError, match=r"Valid densities here: \[0\.\d+, 1.0\]"):
         runtime_attention(q, k, v, None, None)
     rt.end_forward()
+
+
+def _run_steps(rt, steps, inputs):
+    """One forward per step (decreasing timesteps), one attention call per forward; returns the outputs."""
+    outs = []
+    for i in range(steps):
+        rt.begin_forward(LAYOUT, 1000.0 - i)
+        outs.append(runtime_attention(*inputs[i], None, None))
+        rt.end_forward()
+    return outs
+
+
+def test_residual_sharing_captures_at_last_dense_step_and_applies_later():
+    """WA-RS: at the last dense step R = dense - sparse is kept; later steps return sparse + R."""
+    plan = AttentionPlan(BandConfig(window=8), dense_steps=2, residual=True, block_size=8)
+    rt = AttentionRuntime(plan, 1)
+    torch.manual_seed(0)
+    base = torch.randn(3, 1, LAYOUT.seq_len, 2, 16)
+    inputs = [tuple(base + 0.05 * i * torch.randn_like(base)) for i in range(4)]
+    outs = _run_steps(rt, 4, inputs)
+    dense = [_masked_ref(*x, None) for x in inputs]
+    token_mask = plan_token_mask(plan)
+    sparse = [_masked_ref(*x, token_mask) for x in inputs]
+    torch.testing.assert_close(outs[0], dense[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1], dense[1], atol=1e-5, rtol=1e-5)  # capture step returns dense
+    r = dense[1] - sparse[1]
+    for i in (2, 3):
+        torch.testing.assert_close(outs[i], sparse[i] + r, atol=1e-5, rtol=1e-5)
+        # and the residual makes it closer to dense than the plain sparse output
+        assert (outs[i] - dense[i]).norm() < (sparse[i] - dense[i]).norm()
+    st = rt.stats.as_dict()
+    assert st["planned_dense"] == {"dense_steps": 1, "residual capture (WA-RS)": 1}
+    assert st["sparse_calls"] == 2
+    assert rt.residual_bytes() == outs[0].numel() * 4
+    rt.reset_run()
+    assert rt.residual_bytes() == 0
+
+
+def test_residual_refresh_and_capture_without_dense_steps():
+    plan = AttentionPlan(BandConfig(window=8), residual=True, residual_refresh=2, block_size=8)
+    rt = AttentionRuntime(plan, 1)
+    q, k, v = _qkv()
+    _run_steps(rt, 5, [(q, k, v)] * 5)
+    # step 0: nothing to apply -> capture; steps 2 and 4 refresh; 1 and 3 apply
+    st = rt.stats.as_dict()
+    assert st["planned_dense"] == {"residual capture (WA-RS)": 3} and st["sparse_calls"] == 2
+    with pytest.raises(ValueError, match="residual_refresh needs residual=True"):
+        AttentionPlan(BandConfig(window=8), residual_refresh=2)
+
+
+def plan_token_mask(plan):
+    from fastattn.attention import build_mask
+
+    return build_mask(plan.method, LAYOUT, plan.block_size).to_token_mask()
+
+
+def test_sampled_block_mass_is_exact_with_every_row_and_single_token_groups():
+    """With every query row sampled and key groups of one token, the estimate is the true block mass."""
+    from fastattn.attention.dynamic import _sampled_block_mass
+    from fastattn.masks.layout import BlockGeometry
+
+    q, k, _ = _qkv(b=1, h=2, d=16)
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+    est = _sampled_block_mass(qt, kt, LAYOUT, 8, 0.25, rows=8, group=1)
+    p = ((qt @ kt.transpose(-1, -2)) * 0.25).softmax(-1)  # [1, 2, S, S]
+    starts, ends = BlockGeometry(LAYOUT, 8).bounds()
+    owner = torch.repeat_interleave(torch.arange(len(starts)), ends - starts)
+    n = len(starts)
+    per_key_block = torch.zeros(1, 2, LAYOUT.seq_len, n).index_add_(3, owner, p)
+    # blocks shorter than 8 rows repeat rows in the estimate; compare on the full blocks only
+    full = (ends - starts) == 8
+    exact = torch.stack([per_key_block[:, :, s:e].mean(2) for s, e in zip(starts, ends)], 2)
+    torch.testing.assert_close(est[:, :, full], exact[:, :, full], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(est.sum(-1), torch.ones(1, 2, n), atol=1e-5)
+
+
+def test_sampled_estimator_picks_the_high_mass_blocks():
+    """Keys that copy a query block's queries (strong alignment) must be selected for that block."""
+    torch.manual_seed(1)
+    q, k, _ = _qkv(b=1, h=1, d=16)
+    qt, kt = q.transpose(1, 2).clone(), k.transpose(1, 2).clone()
+    lay = LAYOUT
+    # image block 5 (tokens from text_len + 32) aligned to key block 12 (a far block)
+    q0, k0 = lay.text_len + 4 * 8, lay.text_len + 11 * 8
+    kt[:, :, k0 : k0 + 8] = 4 * qt[:, :, q0 : q0 + 8].mean(2, keepdim=True)
+    cfg = DynamicConfig(top_p=1.0, min_density=0.15, max_density=0.15)
+    bm = select_blocks(qt, kt, lay, cfg, 8).to_block_map()
+    qb, kb = 2 + 4, 2 + 11  # two text blocks come first
+    assert bool(bm[0, 0, qb, kb])
+    with pytest.raises(ValueError, match="estimator"):
+        DynamicConfig(estimator="exact")
