@@ -7,8 +7,12 @@ filled with the same random 8,192-token K/V per layer (decode speed does not dep
 step dequantizes the packed body straight into the attention input (Triton kernel); there is no fused
 quantized-attention kernel, so attention itself still reads bf16.
 
-    python bench/kvcache_speed.py            # H100, < 5 min: writes bench/results/kvcache-speed-<gpu>.json (or $OUT/)
+    python bench/kvcache_speed.py            # one H100/H200, a few minutes: bench/results/kvcache-speed-<gpu>.json (or $OUT/)
     python bench/kvcache_speed.py --tiny     # CPU: tiny config, checks the logic in seconds
+
+A run that does not fit (out of GPU memory, e.g. bf16 at a large batch on a smaller GPU) is recorded with an
+``error`` and the benchmark goes on; runs left when ``--max-seconds`` is reached are recorded as skipped. The
+JSON is always written; the exit status is 1 only if a run failed for another reason than memory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -29,8 +34,16 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (_here.parent, _here.parents[1])]
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from fastattn.kvcache import QuantizedKVCache  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+
+    TRITON_VERSION = triton.__version__
+except ImportError:  # pragma: no cover - Triton is a Linux dependency
+    TRITON_VERSION = None
 
 
 def model_config(tiny: bool) -> LlamaConfig:
@@ -46,10 +59,11 @@ def model_config(tiny: bool) -> LlamaConfig:
 
 
 def build_model(cfg: LlamaConfig, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    # Build on the meta device and materialize on the GPU: no 27 GB fp32 init, no host round trip.
+    # Build on the meta device, cast there (free), then materialize on the GPU in `dtype`: no fp32 copy of the
+    # 6.7B weights (27 GB), no CPU init, no host round trip.
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -91,6 +105,14 @@ def decode_tps(model, cache, batch: int, steps: int, warmup: int, device: str) -
     return batch * steps / (time.perf_counter() - t)
 
 
+def is_oom(e: BaseException) -> bool:
+    """Out of GPU memory, whichever layer noticed it (allocator, cuBLAS, a Triton launch)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg)
+
+
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes held, bf16 bytes for the same tokens)."""
     if isinstance(cache, QuantizedKVCache):
@@ -107,12 +129,20 @@ def main(argv=None):
     ap.add_argument("--batches", default=None, help="comma list (default 1,32; tiny 1,4)")
     ap.add_argument("--bits", default="4,2", help="quantized widths to time")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; tiny 8)")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=420.0,
+        help="skip the runs left once this much time has passed (default 420)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     tiny = args.tiny or not torch.cuda.is_available()
     if not args.tiny and tiny:
         print("no CUDA device: running the --tiny configuration")
+    if tiny:  # a logic check: one thread keeps its timings from collapsing on a shared, busy CPU
+        torch.set_num_threads(1)
     device = "cpu" if tiny else "cuda"
     dtype = torch.float32 if tiny else torch.bfloat16
     context = args.context or (256 if tiny else 8192)
@@ -123,20 +153,27 @@ def main(argv=None):
     gpu = "cpu" if tiny else torch.cuda.get_device_name()
     t0 = time.time()
     model = build_model(cfg, device, dtype)
-    print(
-        f"{gpu}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params built in {time.time() - t0:.0f}s"
-    )
+    build_s = time.time() - t0
+    print(f"{gpu}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params built in {build_s:.0f}s")
 
     kinds = [("bf16-DynamicCache", None)] + [(f"fastattn-int{b}", int(b)) for b in args.bits.split(",")]
     records = []
+    failed = False
     for batch in batches:
         base = None
         for name, bits in kinds:
+            rec = {"cache": name, "batch": batch, "context": context, "steps": steps}
+            if time.time() - t0 > args.max_seconds:
+                rec["error"] = f"skipped: --max-seconds {args.max_seconds:.0f} reached"
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+                continue
+            cache = None
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            rec = {"cache": name, "batch": batch, "context": context, "steps": steps}
+            t_run = time.time()
             try:
                 if bits is None:
                     cache = DynamicCache(config=cfg)
@@ -152,10 +189,18 @@ def main(argv=None):
                     base = tps
                 elif base:
                     rec["speed_vs_bf16"] = round(tps / base, 3)
-            except torch.OutOfMemoryError as e:
-                rec["error"] = f"OOM: {str(e)[:200]}"
+            except Exception as e:  # record and go on: one failed run must not lose the others
+                if is_oom(e):
+                    rec["error"] = f"OOM: {str(e).splitlines()[0][:200]}"
+                else:
+                    failed = True
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc()
+                if device == "cuda":
+                    rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             finally:
                 cache = None
+            rec["run_s"] = round(time.time() - t_run, 1)
             records.append(rec)
             print(json.dumps(rec), flush=True)
 
@@ -164,10 +209,23 @@ def main(argv=None):
         "device": gpu,
         "model": "random-weight Llama, 7B-class (32 layers, 4096 hidden, 32/8 heads, head_dim 128)"
         if not tiny
-        else "tiny",
+        else "tiny random Llama (2 layers, 128 hidden, 4/2 heads, head_dim 64)",
         "dtype": str(dtype),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": TRITON_VERSION,
+        "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "python": platform.python_version(),
+        "settings": {
+            "bits": args.bits,
+            "residual_length": 32,
+            "num_sinks": 4,
+            "key_group": 64,
+            "value_group": 64,
+            "warmup_steps": warmup,
+        },
+        "build_s": round(build_s, 1),
         "elapsed_s": round(time.time() - t0, 1),
         "records": records,
     }
@@ -178,15 +236,21 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{'cache':20s} {'batch':>5s} {'tok/s':>9s} {'vs bf16':>8s} {'KV ratio':>8s} {'peak GiB':>8s}")
+    print(f"wrote {out} ({result['elapsed_s']:.0f}s)")
+    nan = float("nan")
+    print(
+        f"\n{gpu}, context {context}, torch {torch.__version__}, triton {TRITON_VERSION}, "
+        f"transformers {transformers.__version__}"
+    )
+    print(f"{'cache':20s} {'batch':>5s} {'tok/s':>9s} {'vs bf16':>8s} {'KV ratio':>8s} {'peak GiB':>8s}")
     for r in records:
+        vs = r.get("speed_vs_bf16", 1.0 if r["cache"].startswith("bf16") and "error" not in r else nan)
         print(
-            f"{r['cache']:20s} {r['batch']:5d} {r.get('tokens_per_s', float('nan')):9.1f} "
-            f"{r.get('speed_vs_bf16', 1.0 if r['cache'].startswith('bf16') else float('nan')):8.3f} "
-            f"{r.get('kv_ratio', float('nan')):8.3f} {r.get('peak_gib', float('nan')):8.2f} {r.get('error', '')}"
+            f"{r['cache']:20s} {r['batch']:5d} {r.get('tokens_per_s', nan):9.1f} {vs:8.3f} "
+            f"{r.get('kv_ratio', nan):8.3f} {r.get('peak_gib', nan):8.2f} {r.get('error', '')}"
         )
-    print(f"wrote {out}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

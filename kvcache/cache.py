@@ -6,13 +6,68 @@ import math
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
 from .layer import QuantizedKVLayer
 from .pack import check_bits
 
+try:  # transformers 5.16+
+    from transformers.cache_utils import get_layer_types_and_kwargs as _hf_layer_types
+except ImportError:  # older 5.x (5.0 - 5.13 checked): DynamicCache reads the config itself
+    _hf_layer_types = None
+
 _FULL = {"full_attention"}
 _SLIDING = {"sliding_attention", "chunked_attention"}
+
+
+def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
+    """``(layer_types, windows)`` of a decoder config, one entry per cache layer, the way the installed
+    transformers' ``DynamicCache`` reads it; ``windows[i]`` is the sliding/chunk window of a sliding or chunked
+    layer, else ``None``.
+
+    Works across transformers 5.x: ``get_layer_types_and_kwargs`` is absent before 5.16, returns one kwargs dict
+    shared by all layers in 5.16 - 5.18 and a list with one dict per layer in 5.20+.
+    """
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if _hf_layer_types is not None:
+        layer_types, layer_kwargs = _hf_layer_types(cfg)
+        layer_types = list(layer_types)
+        if isinstance(layer_kwargs, dict):  # 5.16 - 5.18: one dict shared by every layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
+        layer_kwargs = list(layer_kwargs)
+        if len(layer_kwargs) != len(layer_types):
+            raise RuntimeError(
+                f"transformers returned {len(layer_types)} layer types but {len(layer_kwargs)} layer kwargs"
+            )
+    else:  # as DynamicCache(config=...) does in 5.0 - 5.13
+        sliding = getattr(cfg, "sliding_window", None)
+        chunk = getattr(cfg, "attention_chunk_size", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is None:
+            kind = (
+                "sliding_attention"
+                if sliding is not None
+                else "chunked_attention"
+                if chunk is not None
+                else "full_attention"
+            )
+            layer_types = [kind] * cfg.num_hidden_layers
+        layer_types = list(layer_types)
+        shared = getattr(cfg, "num_kv_shared_layers", None)
+        if shared:  # layers that reuse another layer's KV have no cache of their own (Gemma3n)
+            layer_types = layer_types[:-shared]
+        layer_kwargs = [
+            {"sliding_window": sliding}
+            if t == "sliding_attention"
+            else {"sliding_window": chunk}
+            if t == "chunked_attention"
+            else {}
+            for t in layer_types
+        ]
+    windows = [
+        kw.get("sliding_window") if t in _SLIDING else None for t, kw in zip(layer_types, layer_kwargs)
+    ]
+    return layer_types, windows
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -107,21 +162,23 @@ class QuantizedKVCache(Cache):
         if config is None and num_layers is None:
             raise ValueError("QuantizedKVCache needs a model config or num_layers")
         if config is not None:
-            cfg = config.get_text_config(decoder=True)
-            layer_types, layer_kwargs = get_layer_types_and_kwargs(cfg)
+            layer_types, windows = layer_types_and_windows(config)
             bad = sorted(set(layer_types) - _FULL - _SLIDING)
             if bad:
                 raise ValueError(
                     f"QuantizedKVCache supports full_attention and sliding/chunked attention layers; this model "
                     f"has {bad} layers"
                 )
-            windows = [
-                kw.get("sliding_window") if t in _SLIDING else None
-                for t, kw in zip(layer_types, layer_kwargs)
-            ]
+            missing = [i for i, (t, w) in enumerate(zip(layer_types, windows)) if t in _SLIDING and not w]
+            if missing:
+                raise ValueError(f"sliding/chunked layers {missing} have no window size in the config")
         else:
             windows = [None] * num_layers
         n = len(windows)
+        if n == 0:
+            raise ValueError(
+                "QuantizedKVCache needs at least one cache layer (the config or num_layers gave 0)"
+            )
         if layer_bits is not None:
             if len(layer_bits) != n:
                 raise ValueError(f"layer_bits has {len(layer_bits)} entries for {n} layers")
@@ -185,6 +242,19 @@ class QuantizedKVCache(Cache):
                         f"{tokens} tokens at {layer.min_bits} bits"
                     )
         super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store ``[B, H, T, D]`` states for ``layer_idx`` and return that layer's visible keys/values.
+
+        All layers are created in ``__init__`` (never lazily), so a first ``update`` for any layer works on every
+        transformers 5.x; a ``layer_idx`` outside the model's layers is an error, not a new layer.
+        """
+        if not 0 <= layer_idx < len(self.layers):
+            raise IndexError(
+                f"QuantizedKVCache was built for {len(self.layers)} layers, got update for layer {layer_idx}: build "
+                "it from the model's config (QuantizedKVCache.from_model) or pass the right num_layers"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> QuantizedKVCache:

@@ -272,7 +272,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         n_flush = (excess // self.flush_unit) * self.flush_unit
         if n_flush > 0:
             self._append_body(self.win_k[:, :, :n_flush], self.win_v[:, :, :n_flush])
-            self.win_k, self.win_v = self.win_k[:, :, n_flush:], self.win_v[:, :, n_flush:]
+            # Copy the short remainder: a view would keep the whole flushed (e.g. prefill-sized) bf16 tensor
+            # alive, one per layer, and the cache would hold more memory than a bf16 cache.
+            self.win_k = self.win_k[:, :, n_flush:].clone()
+            self.win_v = self.win_v[:, :, n_flush:].clone()
         if self.is_sliding:
             # Keep at least sliding_window - 1 tokens; drop whole leading chunks beyond that.
             surplus = self.body_len + self.win_k.shape[-2] - (self.sliding_window - 1)
@@ -292,7 +295,10 @@ class QuantizedKVLayer(CacheLayerMixin):
                 )
             self._halve()
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers 5.0 - 5.3 pass ``cache_position`` (the query's positions), later ones its length
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         if not self.is_sliding:
             return self.cumulative_length + query_length, 0
         w = self.sliding_window
@@ -306,6 +312,9 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
+
+    def get_max_cache_shape(self) -> int:  # the abstract name of get_max_length in transformers 5.0 - 5.10
+        return self.get_max_length()
 
     def reset(self) -> None:
         self._clear()

@@ -31,6 +31,7 @@ from fastattn.kvcache import (  # noqa: E402
     shrink_codes,
     unpack,
 )
+from fastattn.kvcache import cache as kv_cache_module  # noqa: E402
 from fastattn.kvcache import calibrate as cal  # noqa: E402
 from fastattn.kvcache.evaluate import compare, reference  # noqa: E402
 from fastattn.kvcache.pack import HAS_TRITON, dequantize_packed  # noqa: E402
@@ -180,6 +181,17 @@ def test_layer_layout_sinks_window_exact_body_close():
     assert layer.get_mask_sizes(1) == (42, 0)
 
 
+def test_prefill_storage_is_not_kept_alive_by_the_window():
+    """After a long prefill the cache holds its packed body and a short window, not the prefill tensor:
+    a window that were a view into it would keep the whole bf16 prefill alive, layer by layer."""
+    layer = QuantizedKVLayer(bits=4, key_group=8, value_group=8, residual_length=8, num_sinks=4)
+    k, v = _kv(400)
+    layer.update(k.clone(), v.clone())
+    for t in (layer.win_k, layer.win_v, layer.sink_k, layer.sink_v):
+        assert t.untyped_storage().nbytes() <= 16 * t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
+    assert layer.memory()["total_bytes"] < 0.6 * layer.memory()["bf16_bytes"]  # 4-bit + scales of 8-groups
+
+
 def test_progressive_halving_repacks_in_place_and_respects_budget():
     b, h, d = 1, 2, 16
     budget = projected_layer_bytes(4, 128, h, d, b, (8, 1), (1, 8), 8, 2)
@@ -278,6 +290,85 @@ def test_memory_at_4k_context_smollm2_geometry():
         assert m["total_bytes"] <= projected_layer_bytes(bits, 4096, 3, 64)
         ratios[bits] = m["total_bytes"] / m["bf16_bytes"]
     assert ratios[4] <= 0.30 and ratios[2] <= 0.20
+
+
+# ----------------------------------------------------------------------------- transformers 5.x versions
+
+
+def _bench_config(**kw):
+    # The CPU configuration of bench/kvcache_speed.py --tiny (GQA: 4 query / 2 KV heads).
+    return LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, **kw,
+    )  # fmt: skip
+
+
+def _fill_like_the_bench(cache, n_layers, batch=2, heads=2, tokens=200, d=64):
+    """A fresh cache, ``update`` for layer 0 before anything else, then every layer in order (no model)."""
+    for li in range(n_layers):
+        k, v = _kv(tokens, b=batch, h=heads, d=d, seed=li)
+        ko, vo = cache.update(k, v, li)
+        assert torch.equal(ko, k) and torch.equal(vo, v)  # a prefill gets its own states back
+    assert cache.get_seq_length() == tokens and len(cache) == n_layers
+    m = cache.memory()
+    assert m["packed_bytes"] > 0 and m["bf16_bytes"] == n_layers * tokens * batch * heads * d * 2 * 2
+
+
+def _hf_5_17_layer_types(config):
+    """transformers 5.16 - 5.18's ``get_layer_types_and_kwargs``: one kwargs dict shared by all layers."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        types = [kind] * config.num_hidden_layers
+    return types, ({"sliding_window": config.sliding_window} if "sliding_attention" in types else {})
+
+
+@pytest.mark.parametrize("api", ["installed", "5.16-5.18 (one kwargs dict)", "5.0-5.13 (no helper)"])
+def test_layers_are_built_eagerly_on_every_transformers_5(api, monkeypatch):
+    """Regression: on transformers 5.17 ``get_layer_types_and_kwargs`` returns a dict, which the cache zipped
+    over as if it were per-layer: no layer was built and the bench's first ``update`` raised IndexError."""
+    if api.startswith("5.16"):
+        monkeypatch.setattr(kv_cache_module, "_hf_layer_types", _hf_5_17_layer_types)
+    elif api.startswith("5.0"):
+        monkeypatch.setattr(kv_cache_module, "_hf_layer_types", None)
+    cfg = _bench_config()
+    cache = QuantizedKVCache(cfg, bits=4)
+    assert len(cache.layers) == 3 and all(isinstance(x, QuantizedKVLayer) for x in cache.layers)
+    assert not any(x.is_sliding for x in cache.layers)
+    _fill_like_the_bench(cache, 3)
+    cache = QuantizedKVCache.from_model(LlamaForCausalLM(cfg), bits=2)
+    _fill_like_the_bench(cache, 3)
+
+    sliding = QuantizedKVCache(MistralConfig(num_hidden_layers=2, sliding_window=16), bits=8)
+    assert [(x.is_sliding, x.sliding_window) for x in sliding.layers] == [(True, 16), (True, 16)]
+    mixed = QuantizedKVCache(
+        MistralConfig(
+            num_hidden_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"]
+        ),
+        bits=8,
+    )
+    assert [(x.is_sliding, x.sliding_window) for x in mixed.layers] == [(True, 16), (False, None)]
+
+
+def test_update_outside_the_model_layers_is_a_clear_error():
+    cache = QuantizedKVCache(num_layers=2, bits=4)
+    with pytest.raises(IndexError, match="built for 2 layers, got update for layer 2"):
+        cache.update(*_kv(4), 2)
+    with pytest.raises(ValueError, match="at least one cache layer"):
+        QuantizedKVCache(num_layers=0)
+
+
+def test_layer_api_of_older_transformers_5():
+    """5.0 - 5.3 pass ``cache_position`` to ``get_mask_sizes``; 5.0 - 5.10 name ``get_max_length``
+    ``get_max_cache_shape``."""
+    full = QuantizedKVLayer(bits=4, key_group=8, value_group=8, residual_length=8)
+    full.update(*_kv(20))
+    assert full.get_mask_sizes(torch.arange(20, 23)) == full.get_mask_sizes(3) == (23, 0)
+    assert full.get_max_cache_shape() == full.get_max_length() == -1
+    sliding = QuantizedKVLayer(bits=8, key_group=4, value_group=8, residual_length=4, sliding_window=16)
+    sliding.update(*_kv(20))
+    assert sliding.get_mask_sizes(torch.arange(20, 21)) == sliding.get_mask_sizes(1) == (16, 5)
+    assert sliding.get_max_cache_shape() == 16
 
 
 # ----------------------------------------------------------------------------- models
