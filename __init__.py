@@ -15,7 +15,9 @@ from .pipelines import attach_pipeline_methods as _attach_pipeline_methods  # no
 if __name__ == "fastattn":  # not when a host (pytest, ComfyUI) imports this folder under another name
     _attach_pipeline_methods()
 
-__all__ = ["BlockMask", "TokenLayout", "__version__", "disable", "enable"]
+__all__ = [
+    "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "BlockMask", "TokenLayout", "__version__", "disable", "enable",
+]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -27,6 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
 
 
-# ComfyUI discovers nodes through these names; they are filled by the node pack when it exists.
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+# ComfyUI discovers nodes through these names (nodes/ collects them; importing it is light).
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402

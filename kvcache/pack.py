@@ -100,30 +100,32 @@ if HAS_TRITON:
         scale_ptr,
         zero_ptr,
         out_ptr,
-        n,
         T,
         OUT_STRIDE_BH,
         D: tl.constexpr,
         GR: tl.constexpr,
         GC: tl.constexpr,
         BITS: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        D_PAD: tl.constexpr,
     ):
         # x[r, d] = code[r, d] * scale[g] + zero[g], g = (r // GR) * (D // GC) + d // GC: one formula covers
         # per-channel groups along tokens (GR = G, GC = 1) and per-token groups along channels (GR = 1, GC = G).
+        # One program writes a [BLOCK_T, D] tile of one (batch, head): no runtime division per element, and
+        # rows are (batch*head, token) so the output may be a token-slice of a bigger [B, H, S, D] buffer (its
+        # batch*head stride is passed in: the cache dequantizes straight into the attention input).
         PER: tl.constexpr = 8 // BITS
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        r = offs // D
-        d = offs % D
+        bh = tl.program_id(1).to(tl.int64)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        d = tl.arange(0, D_PAD)[None, :]  # head dims that are not a power of two are padded and masked
+        mask = (t < T) & (d < D)
+        r = bh * T + t
         byte = tl.load(packed_ptr + r * (D // PER) + d // PER, mask=mask, other=0).to(tl.int32)
         code = (byte >> ((d % PER) * BITS)) & ((1 << BITS) - 1)
         g = (r // GR) * (D // GC) + d // GC
         s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + g, mask=mask, other=0.0).to(tl.float32)
-        # Rows are (batch*head, token); the output may be a token-slice of a bigger [B, H, S, D] buffer, so its
-        # batch*head stride is passed in (lets the cache dequantize straight into the attention input).
-        dst = (r // T) * OUT_STRIDE_BH + (r % T) * D + d
+        dst = bh * OUT_STRIDE_BH + t * D + d
         tl.store(out_ptr + dst, (code.to(tl.float32) * s + z).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -212,20 +214,21 @@ def dequantize_packed(
         or out.stride(0) != out.shape[1] * out.stride(1)
     ):
         raise ValueError("out must be [B, H, R, D] with contiguous rows and evenly strided heads")
-    n = out.numel()
-    if n:
-        _dequant_kernel[(triton.cdiv(n, _BLOCK),)](
+    bh, t = out.shape[0] * out.shape[1], out.shape[2]
+    if bh and t:
+        block_t = max(1, min(64, 4096 // d))
+        _dequant_kernel[(triton.cdiv(t, block_t), bh)](
             packed.contiguous(),
             scale.contiguous(),
             zero.contiguous(),
             out,
-            n,
-            out.shape[2],
+            t,
             out.stride(1),
             D=d,
             GR=gr,
             GC=gc,
             BITS=bits,
-            BLOCK=_BLOCK,
+            BLOCK_T=triton.next_power_of_2(block_t),
+            D_PAD=triton.next_power_of_2(d),
         )
     return out

@@ -93,6 +93,14 @@ def test_fused_dequant_triton_matches_torch(bits, group):
     dequantize_packed(q.data, q.scale, q.zero, bits, group, torch.float32, "triton", out=buf[:, :, 2:18])
     torch.testing.assert_close(buf[:, :, 2:18], a, rtol=0, atol=1e-6)
     assert (buf[:, :, :2] == 7).all() and (buf[:, :, 18:] == 7).all()
+    # ragged token count, several batch*head rows, a head dim that is not a power of two
+    x = torch.randn(2, 3, 40, 48)
+    q = quantize(x, bits, group, "torch")
+    a = dequantize_packed(q.data, q.scale, q.zero, bits, group, torch.float32, "torch")
+    buf = torch.full((2, 3, 45, 48), 7.0)
+    dequantize_packed(q.data, q.scale, q.zero, bits, group, torch.float32, "triton", out=buf[:, :, 1:41])
+    torch.testing.assert_close(buf[:, :, 1:41], a, rtol=0, atol=1e-6)
+    assert (buf[:, :, :1] == 7).all() and (buf[:, :, 41:] == 7).all()
 
 
 # ----------------------------------------------------------------------------- quantization

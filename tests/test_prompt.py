@@ -65,3 +65,10 @@ def test_enhance_and_node_on_real_weights():
     assert stats["packed_bytes"] > 0 and stats["ratio"] < 1.0  # the rewrite ran on the quantized cache
     (node_text,) = FastAttnPromptEnhancer().enhance("a red fox in the snow", smollm2_dir(), 40, "4")
     assert node_text == text  # same model (cached by path), greedy: same output
+
+
+def test_package_root_exposes_the_nodes_to_comfyui():
+    import fastattn
+
+    assert fastattn.NODE_CLASS_MAPPINGS["FastAttnPromptEnhancer"] is FastAttnPromptEnhancer
+    assert "FastAttnPromptEnhancer" in fastattn.NODE_DISPLAY_NAME_MAPPINGS
