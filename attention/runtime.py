@@ -103,6 +103,7 @@ class AttentionRuntime:
         self.state: ForwardState | None = None
         # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
+        self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
         self._outer: AttentionRuntime | None = None
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
@@ -187,6 +188,7 @@ class AttentionRuntime:
             sparse = self._method(query, key, value, attn_mask, scale, layout, work, count=False)
             dense = self._dense(query, key, value, attn_mask, scale, "residual capture (WA-RS)", True, work)
             self.residuals[slot] = dense - sparse
+            self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
             return dense
         return self._method(query, key, value, attn_mask, scale, layout, work) + r
 

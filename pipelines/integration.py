@@ -108,6 +108,7 @@ class ModelHandle:
             "enabled": self.enabled,
             "mask_builds": self.runtime.masks.builds,
             "residual_bytes": self.runtime.residual_bytes(),
+            "residual_peak_bytes": self.runtime.residual_peak_bytes,
         }
         out.update(self.runtime.stats.as_dict())
         out["layers_per_forward"] = len(self.self_attention_paths)

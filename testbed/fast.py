@@ -62,6 +62,7 @@ class TestbedHandle:
         out = {"model": "TestbedDiT", "family": FAMILY, "plan": self.plan.describe()}
         out.update(self.runtime.stats.as_dict())
         out["residual_bytes"] = self.runtime.residual_bytes()
+        out["residual_peak_bytes"] = self.runtime.residual_peak_bytes
         return out
 
     def reset_stats(self) -> None:

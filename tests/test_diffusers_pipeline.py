@@ -223,3 +223,20 @@ def test_peft_lora():
     torch.testing.assert_close(out, tiny.run(model, inputs), rtol=1e-5, atol=1e-5)
     handle.disable()
     assert torch.equal(tiny.run(model, inputs), ref)
+
+
+def test_residual_sharing_on_a_pipeline_with_cfg_as_two_passes():
+    """WA-RS keeps one residual per layer and CFG pass, captured at the last dense step, reset per call."""
+    pipe = _wan_pipe()
+    ref = _call(pipe, steps=3)
+    handle = fa.enable(pipe, method="band", window=6, block_size=BS, dense_steps=1, residual=True)
+    out = _call(pipe, steps=3)
+    st = handle.stats()
+    layers = st["layers_per_forward"]
+    # step 0 (both CFG passes) captures; steps 1 and 2 (both passes) are sparse + residual
+    assert st["planned_dense"] == {"residual capture (WA-RS)": 2 * layers}
+    assert st["sparse_calls"] == 4 * layers and st["residual_peak_bytes"] > 0
+    assert not torch.equal(out, ref) and torch.isfinite(out).all()
+    assert st["residual_bytes"] == 0  # freed when the pipeline call ended
+    handle.disable()
+    assert torch.equal(_call(pipe, steps=3), ref)
