@@ -18,7 +18,7 @@ class FastAttnPromptEnhancer:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from fastattn.prompt import DEFAULT_INSTRUCTION
+        from ..prompt import DEFAULT_INSTRUCTION
 
         return {
             "required": {
@@ -33,7 +33,7 @@ class FastAttnPromptEnhancer:
         }
 
     def enhance(self, prompt, model_path, max_new_tokens=120, kv_bits="4", instruction=None):
-        from fastattn.prompt import DEFAULT_INSTRUCTION, enhance
+        from ..prompt import DEFAULT_INSTRUCTION, enhance
 
         if not str(model_path).strip():
             raise ValueError("model_path is empty: point it at a local causal LM (directory or .gguf file)")

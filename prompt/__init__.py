@@ -70,7 +70,7 @@ def enhance(
     ``tokenizer``). Returns the rewritten prompt (the original if the model produced nothing), or
     ``(text, stats)`` with the cache's memory report when ``return_stats``.
     """
-    from fastattn.kvcache import QuantizedKVCache
+    from ..kvcache import QuantizedKVCache
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
