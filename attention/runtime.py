@@ -229,7 +229,8 @@ class AttentionRuntime:
             for reason, n in kernel.items():
                 self.stats.add_dense(f"kernel: {reason}", work / max(1, sum(kernel.values())) * n, False)
         else:
-            self.stats.add_sparse(work, mask.block_density())
+            density = mask.block_density_tensor() if plan.method.dynamic else mask.block_density()
+            self.stats.add_sparse(work, density)
         return out
 
     def _sparse_key_padding(self, q, k, v, keep, layout, scale, work, count: bool = True):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass
 class AttentionStats:
@@ -18,6 +20,7 @@ class AttentionStats:
     work_done: float = 0.0  # entries actually computed
     forwards: int = 0
     layers_per_forward: int | None = None
+    pending_work: torch.Tensor | None = None  # device-side sum of dynamic masks' computed work
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
         self.calls += 1
@@ -25,11 +28,22 @@ class AttentionStats:
         self.work_total += work
         self.work_done += work
 
-    def add_sparse(self, work: float, block_density: float) -> None:
+    def add_sparse(self, work: float, block_density) -> None:
+        """``block_density`` is a float, or a 0-d device tensor (summed on the device, read in as_dict:
+        no host sync per call)."""
         self.calls += 1
         self.sparse_calls += 1
         self.work_total += work
-        self.work_done += work * block_density
+        if isinstance(block_density, torch.Tensor):
+            part = block_density.detach().double() * work
+            self.pending_work = part if self.pending_work is None else self.pending_work + part
+        else:
+            self.work_done += work * block_density
+
+    def _resolve(self) -> None:
+        if self.pending_work is not None:
+            self.work_done += float(self.pending_work)
+            self.pending_work = None
 
     def reset(self) -> None:
         self.__init__()
@@ -40,6 +54,7 @@ class AttentionStats:
         ``est_attention_speedup`` is the upper bound work_total / work_done (attention only; the kernel's
         per-block efficiency and the non-attention share of the step decide the real end-to-end gain).
         """
+        self._resolve()
         density = self.work_done / self.work_total if self.work_total else 1.0
         return {
             "calls": self.calls,

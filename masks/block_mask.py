@@ -104,8 +104,30 @@ class BlockMask:
         return float(pairs / (bm.shape[0] * bm.shape[1] * self.seq_len**2))
 
     def block_density(self) -> float:
-        """Fraction of computed block pairs (what the kernel's cost follows)."""
-        return float(self.kv_counts.double().mean() / self.num_blocks)
+        """Fraction of computed block pairs (what the kernel's cost follows). Computed once per mask: on a
+        GPU mask it reads the counts back (a device sync), so reused masks pay it only the first time."""
+        cached = self.__dict__.get("_block_density")
+        if cached is None:
+            cached = self.__dict__["_block_density"] = float(self.block_density_tensor())
+        return cached
+
+    def block_density_tensor(self) -> torch.Tensor:
+        """:meth:`block_density` as a 0-d float32 tensor on the mask's device, without a host sync (for
+        masks built per call, e.g. dynamic selection)."""
+        return self.kv_counts.float().mean() / self.num_blocks
+
+    def mark_valid(self, batch: int, heads: int, seq_len: int) -> BlockMask:
+        """Record that this mask fits ``[batch, heads, seq_len]`` without :meth:`validate`'s device sync.
+
+        Only for masks that fastattn's own selectors build in range by construction (shapes are still
+        checked here; the index range is what is trusted)."""
+        bm, hm, nq = self.kv_counts.shape
+        if seq_len != self.seq_len or bm not in (1, batch) or hm not in (1, heads) or nq != self.num_blocks:
+            raise ValueError(
+                f"mask of shape {tuple(self.kv_counts.shape)} does not fit {(batch, heads, seq_len)}"
+            )
+        self.__dict__.setdefault("_validated", set()).add((batch, heads, seq_len))
+        return self
 
     # ----------------------------------------------------------------- checks
     def validate(self, batch: int, heads: int, seq_len: int) -> None:

@@ -247,3 +247,25 @@ def test_sampled_estimator_picks_the_high_mass_blocks():
     assert bool(bm[0, 0, qb, kb])
     with pytest.raises(ValueError, match="estimator"):
         DynamicConfig(estimator="exact")
+
+
+def test_dynamic_density_is_accumulated_on_device_and_exact():
+    """Dynamic masks' density is summed as a tensor (no host sync per call) and read exactly in stats."""
+    cfg = DynamicConfig(top_p=0.6, min_density=0.2, max_density=0.6)
+    rt = AttentionRuntime(AttentionPlan(cfg, block_size=8), 2)
+    densities = []
+    rt.sparse_fn = lambda q, k, v, mask, scale=None, quant="none": (
+        densities.append(mask.block_density()) or torch.zeros_like(q)
+    )
+    for i in range(3):
+        q, k, v = (x * (1 + i) for x in _qkv(b=2))
+        rt.begin_forward(LAYOUT, 100.0 - i)
+        runtime_attention(q, k, v, None, None)
+        runtime_attention(k, q, v, None, None)
+        rt.end_forward()
+    assert rt.stats.pending_work is not None  # nothing read back yet
+    assert rt.stats.as_dict()["density"] == pytest.approx(sum(densities) / len(densities))
+    assert rt.stats.pending_work is None and len(set(densities)) > 1
+    mask = select_blocks(*(x.transpose(1, 2) for x in list(_qkv(b=2))[:2]), LAYOUT, cfg, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        mask.mark_valid(2, 2, LAYOUT.seq_len + 1)
