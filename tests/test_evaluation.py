@@ -7,9 +7,11 @@ text encoder or VAE runs through the Python API with precomputed prompt embeddin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,27 +23,19 @@ from fastattn.evaluation import EvalInputError, evaluate_pipeline, parse_spec, w
 from fastattn.evaluation.cli import add_eval_parser, cmd_eval, main  # noqa: E402
 from fastattn.evaluation.probe import AttentionErrorProbe  # noqa: E402
 
+_spec = importlib.util.spec_from_file_location(
+    "_fa_pipeline_tests", Path(__file__).with_name("test_diffusers_pipeline.py")
+)
+_pipeline_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pipeline_tests)
+
 BS = 8  # mask block size for the tiny models (the GPU kernel takes 128; the CPU reference any)
 WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "red", "blue", "on", "the", "grass"]
 
 
 def _transformer():
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    """The tiny Wan transformer the pipeline tests use (one definition, in test_diffusers_pipeline.py)."""
+    return _pipeline_tests._wan_pipe(num_layers=2).transformer
 
 
 def _full_wan_pipe():
@@ -87,16 +81,7 @@ def _full_wan_pipe():
 
 def _bare_wan_pipe():
     """WanPipeline with only a transformer and a scheduler (latent output, prompt embeddings given)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    torch.manual_seed(0)
-    return WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=_transformer(),
-    )
+    return _pipeline_tests._wan_pipe(num_layers=2)
 
 
 def _embeddings(prompt: str, seed: int) -> dict:
