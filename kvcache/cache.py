@@ -128,6 +128,10 @@ class QuantizedKVCache(Cache):
     ``budget_bytes`` (total, split evenly) or ``layer_budgets`` (per layer, e.g. from
     :func:`fastattn.kvcache.calibrate.allocate_budgets`); layers start at 16 bits and halve down to ``bits``.
 
+    ``attention``: ``"auto"`` (default), ``"fused"`` or ``"dequantize"``: whether decode steps attend over the
+    packed codes with the fused kernel (:mod:`fastattn.kvcache.decode`; automatic on CUDA through transformers'
+    default ``sdpa`` attention) or dequantize the body first; see :meth:`attention_stats`.
+
     ``key_scales``: per-layer ``[kv_heads, head_dim]`` key divisors (or ``None``), from
     :func:`fastattn.kvcache.calibrate.calibrate_key_scales`.
 
@@ -157,6 +161,7 @@ class QuantizedKVCache(Cache):
         batch_size: int = 1,
         key_scales: Sequence[torch.Tensor | None] | None = None,
         backend: str = "auto",
+        attention: str = "auto",
     ):
         check_bits(bits)
         if config is None and num_layers is None:
@@ -211,6 +216,7 @@ class QuantizedKVCache(Cache):
                 sliding_window=windows[i],
                 key_scale=key_scales[i] if key_scales is not None else None,
                 backend=backend,
+                attention=attention,
                 **self.settings,
             )
             for i in range(n)
@@ -271,6 +277,18 @@ class QuantizedKVCache(Cache):
                 f"encoder-decoder models are not supported ({type(model).__name__}); use a decoder-only LM"
             )
         return cls(config, **kwargs)
+
+    def attention_stats(self) -> dict:
+        """Decode-step attention calls summed over layers: ``fused`` (over the packed codes) and ``dense`` (body
+        dequantized first), with ``dense_reasons`` counting why."""
+        out = {"fused": 0, "dense": 0, "dense_reasons": {}}
+        for layer in self.layers:
+            st = layer.attention_stats()
+            out["fused"] += st["fused"]
+            out["dense"] += st["dense"]
+            for reason, n in st["dense_reasons"].items():
+                out["dense_reasons"][reason] = out["dense_reasons"].get(reason, 0) + n
+        return out
 
     def memory(self) -> dict:
         """Totals over layers: packed/fp/total bytes, the bf16 equivalent, their ``ratio`` and per-layer bits."""

@@ -26,7 +26,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from . import quant
+from .decode import fused_available
 from .pack import check_bits
+from .packed import DecodeView, PackedKV
 
 _BF16_BYTES = 2
 _PROGRESSIVE_START = 16
@@ -56,6 +58,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         key_scale: optional ``[kv_heads, head_dim]`` (or ``[head_dim]``) per-channel key divisor applied before
             quantization and undone after (see :mod:`fastattn.kvcache.calibrate`).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the pack/unpack kernels.
+        attention: how a decode step reads the body. ``"fused"``: :mod:`fastattn.kvcache.decode` attends over the
+            packed codes (returned as :class:`~fastattn.kvcache.packed.PackedKV`; needs CUDA or
+            ``TRITON_INTERPRET=1``); ``"dequantize"``: the body is dequantized into ordinary tensors;
+            ``"auto"`` (default): fused on CUDA when Triton is installed, else dequantize. Every step that does not
+            run fused while a quantized body exists is counted with its reason in :meth:`attention_stats`.
     """
 
     is_sliding = False
@@ -74,9 +81,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         key_scale: torch.Tensor | None = None,
         backend: str = "auto",
+        attention: str = "auto",
     ):
         super().__init__()
         check_bits(bits)
+        if attention not in ("auto", "fused", "dequantize"):
+            raise ValueError(f"attention must be 'auto', 'fused' or 'dequantize', got {attention!r}")
         if not 0 <= num_sinks <= 4:
             raise ValueError(f"num_sinks must be in 0..4, got {num_sinks}")
         if residual_length < 0:
@@ -99,6 +109,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.budget_bytes = budget_bytes
         self.key_scale = key_scale
         self.backend = backend
+        self.attention = attention
+        self._stats = {"fused": 0, "dense": 0, "dense_reasons": {}}
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -197,7 +209,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         else:
             qk, qv = self._quantize_kv(k, v, self.bits)
             self.q_k, self.q_v = quant.cat_blocks(self.q_k, qk), quant.cat_blocks(self.q_v, qv)
-            self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
+            self._record_checksum()
         self.body_len += k.shape[-2]
 
     def _drop_body_front(self, n: int) -> None:
@@ -211,12 +223,23 @@ class QuantizedKVLayer(CacheLayerMixin):
                 setattr(
                     self,
                     name,
+                    # contiguous copies: the fused decode kernel indexes the body as one dense block
                     quant.QuantBlock(
-                        q.data[:, :, n:], q.scale[:, :, n // gr :], q.zero[:, :, n // gr :], q.bits, q.group
+                        q.data[:, :, n:].contiguous(),
+                        q.scale[:, :, n // gr :].contiguous(),
+                        q.zero[:, :, n // gr :].contiguous(),
+                        q.bits,
+                        q.group,
                     ),
                 )
-            self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
+            self._record_checksum()
         self.body_len -= n
+
+    def _record_checksum(self) -> None:
+        # Only progressive mode re-packs the body, so only it needs the guard (a full pass over the body, with a
+        # host sync: too costly to pay at every flush of a fixed-width cache).
+        if self.budget_bytes is not None:
+            self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
 
     def _halve(self) -> None:
         """Halve the body's bit-width in place (PM-KVQ), guarded by the recorded checksum."""
@@ -224,14 +247,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.q_k is None:  # 16 -> 8: the only step that reads the original values
             if self.raw_k is not None:
                 self.q_k, self.q_v = self._quantize_kv(self.raw_k, self.raw_v, new_bits)
-                self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
+                self._record_checksum()
             self.raw_k = self.raw_v = None
         else:
             if self._checksum != (quant.checksum(self.q_k), quant.checksum(self.q_v)):
                 raise RuntimeError("quantized KV body changed since it was written; refusing to re-pack it")
             self.q_k = quant.shrink(self.q_k, new_bits, self.backend)
             self.q_v = quant.shrink(self.q_v, new_bits, self.backend)
-            self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
+            self._record_checksum()
         self.repacks.append((self.cumulative_length, self.bits, new_bits))
         self.bits = new_bits
 
@@ -250,15 +273,59 @@ class QuantizedKVLayer(CacheLayerMixin):
                 f"batch/heads changed: cache holds {tuple(self.sink_k.shape[:2])}, got {tuple(key_states.shape[:2])}"
             )
         past = self.cumulative_length
-        k_out, v_out = self._visible(key_states, value_states)
-        if self.is_sliding:  # same visible span as DynamicSlidingWindowLayer
-            keep = min(past, self.sliding_window - 1) + key_states.shape[-2]
-            k_out, v_out = k_out[:, :, -keep:], v_out[:, :, -keep:]
+        keep = min(past, self.sliding_window - 1) + key_states.shape[-2] if self.is_sliding else None
+        k_out, v_out = self._packed_view(key_states, value_states, keep)
+        if k_out is None:
+            k_out, v_out = self._visible(key_states, value_states)
+            if keep is not None:  # same visible span as DynamicSlidingWindowLayer
+                k_out, v_out = k_out[:, :, -keep:], v_out[:, :, -keep:]
 
         self._store(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         self._enforce_budget()
         return k_out, v_out
+
+    def _packed_view(self, k_new: torch.Tensor, v_new: torch.Tensor, keep: int | None):
+        """``(PackedKV keys, PackedKV values)`` for a fused decode step, or ``(None, None)`` (reason counted)."""
+        if self.q_k is None:
+            return None, None  # nothing quantized: the ordinary path reads no packed bytes
+        reason = None
+        if self.attention == "dequantize":
+            reason = "attention='dequantize'"
+        elif self.attention == "fused" and not fused_available(k_new.device):
+            raise RuntimeError("attention='fused' needs CUDA tensors (or TRITON_INTERPRET=1) and triton")
+        elif self.attention == "auto" and not (k_new.is_cuda and fused_available(k_new.device)):
+            reason = f"no fused kernel on {k_new.device.type} (needs CUDA and triton)"
+        elif k_new.shape[-2] != 1:
+            reason = f"{k_new.shape[-2]} new tokens (the fused kernel serves one-token decode steps)"
+        elif k_new.requires_grad:
+            reason = "autograd through the cache"
+        skip = 0
+        if reason is None and keep is not None:
+            skip = self.sink_k.shape[-2] + self.body_len + self.win_k.shape[-2] + 1 - keep
+            if skip > self.body_len:
+                reason = "sliding window shorter than the full-precision window"
+        if reason is not None:
+            self.count_dense(reason)
+            return None, None
+        fp_k = torch.cat([self.sink_k, self.win_k, k_new], -2)
+        fp_v = torch.cat([self.sink_v, self.win_v, v_new], -2)
+
+        view = DecodeView(self, fp_k, fp_v, self.q_k, self.q_v, self.sink_k.shape[-2], max(skip, 0), self._ks)
+        return PackedKV(view, 0), PackedKV(view, 1)
+
+    def count_fused(self) -> None:
+        self._stats["fused"] += 1
+
+    def count_dense(self, reason: str) -> None:
+        self._stats["dense"] += 1
+        reasons = self._stats["dense_reasons"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    def attention_stats(self) -> dict:
+        """Decode steps that attended over the packed body (``fused``) and steps that dequantized it (``dense``,
+        with ``dense_reasons``), since the layer was built."""
+        return {**self._stats, "dense_reasons": dict(self._stats["dense_reasons"])}
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n_sink = min(self.num_sinks - self.sink_k.shape[-2], k.shape[-2])
@@ -337,7 +404,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             if q is not None:
                 setattr(self, name, quant.QuantBlock(fn(q.data), fn(q.scale), fn(q.zero), q.bits, q.group))
         if self.q_k is not None:
-            self._checksum = (quant.checksum(self.q_k), quant.checksum(self.q_v))
+            self._record_checksum()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

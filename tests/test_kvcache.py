@@ -498,3 +498,116 @@ def test_key_scale_calibration_and_allocation():
     )
     assert sum(c[i, picks[i]] for i in range(4)) <= budget
     assert sum(s[i, picks[i]] for i in range(4)) <= best[0] + 1e-9
+
+
+# ----------------------------------------------------------------------------- fused decode attention
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("d", [32, 48])  # 48: not a power of two, the kernel's per-code load path
+def test_fused_decode_kernel_matches_sdpa_on_dequantized_cache(bits, d):
+    from fastattn.kvcache.decode import fused_decode_attention, mask_to_bias
+
+    torch.manual_seed(bits)
+    b, h, g, n, f, ns = 2, 2, 4, 192, 7, 3
+    k, v = torch.randn(b, h, n, d) * 3 + 1, torch.randn(b, h, n, d)
+    qk, qv = quantize(k, bits, (64, 1), "torch"), quantize(v, bits, (1, 16), "torch")
+    fk, fv, q = torch.randn(b, h, f, d), torch.randn(b, h, f, d), torch.randn(b, h, g, d)
+    # skip 70: the visible body starts inside a tile and a key group (sliding layers)
+    for key_scale, skip in ((None, 0), (torch.rand(1, h, 1, d) + 0.5, 64), (None, 70)):
+        bk = dequantize(qk, torch.float32, "torch") * (1.0 if key_scale is None else key_scale)
+        bv = dequantize(qv, torch.float32, "torch")
+        keys = torch.cat([fk[:, :, :ns], bk[:, :, skip:], fk[:, :, ns:]], -2)
+        vals = torch.cat([fv[:, :, :ns], bv[:, :, skip:], fv[:, :, ns:]], -2)
+        mask = torch.ones(b, 1, 1, keys.shape[-2], dtype=torch.bool)
+        mask[1, ..., :70] = False  # left padding that covers a whole body slice and part of the next
+        for m in (None, mask, torch.where(mask, 0.0, torch.finfo(torch.float32).min)):
+            ref = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, attn_mask=m)
+            out = fused_decode_attention(
+                q, fk, fv, qk, qv, num_sinks=ns, skip=skip, key_scale=key_scale,
+                bias=mask_to_bias(m, b, keys.shape[-2]),
+            )  # fmt: skip
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # fp32; a wrong scale is off by >0.1
+
+
+@needs_triton
+def test_fused_decode_kernel_rejects_bad_input():
+    from fastattn.kvcache.decode import fused_decode_attention, mask_to_bias
+
+    qk, qv = quantize(torch.randn(1, 2, 64, 16), 4, (64, 1)), quantize(torch.randn(1, 2, 64, 16), 4, (1, 16))
+    fk = torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match=r"must be \[1, 2, F, 16\]"):
+        fused_decode_attention(torch.randn(1, 2, 4, 16), fk[..., :8], fk[..., :8], qk, qv, num_sinks=0)
+    with pytest.raises(ValueError, match="skip must be in 0..64"):
+        fused_decode_attention(torch.randn(1, 2, 4, 16), fk, fk, qk, qv, num_sinks=0, skip=65)
+    with pytest.raises(ValueError, match="one key mask per batch row"):
+        mask_to_bias(torch.ones(1, 1, 4, 67, dtype=torch.bool), 1, 67)
+
+
+def _decode_logits(model, cache, ids, steps, **kw):
+    """Prefill ``ids``, then teacher-force ``steps`` tokens; the logits of every decode step."""
+    out = []
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True, **kw).logits
+        for _ in range(steps):
+            tok = logits[:, -1:].argmax(-1)
+            if "attention_mask" in kw:
+                kw["attention_mask"] = torch.cat([kw["attention_mask"], torch.ones_like(tok)], 1)
+            logits = model(tok, past_key_values=cache, use_cache=True, **kw).logits
+            out.append(logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["gqa_padded", "sliding", "key_scale"])
+def test_fused_decode_in_the_model_matches_the_dequantized_path(case):
+    kw, cache_kw = {}, dict(bits=4, key_group=8, value_group=8, residual_length=8, num_sinks=2)
+    ids = torch.randint(1, 96, (2, 40))
+    if case == "sliding":  # the visible span starts inside the body once the window slides
+        model = _tiny(MistralForCausalLM, MistralConfig, sliding_window=24)
+        cache_kw.update(key_group=4, residual_length=4)
+    else:
+        model = _tiny()
+    if case == "gqa_padded":  # left padding: SDPA gets a key mask (transformers' pack_gqa decode path)
+        mask = torch.ones_like(ids)
+        mask[1, :13] = 0
+        kw["attention_mask"] = mask
+    if case == "key_scale":
+        scales, _ = cal.calibrate_key_scales(model, ids[:1], bits=4, key_group=8, n_alpha=3)
+        cache_kw["key_scales"] = scales
+    ref_cache = QuantizedKVCache.from_model(model, attention="dequantize", **cache_kw)
+    cache = QuantizedKVCache.from_model(model, attention="fused", **cache_kw)
+    ref = _decode_logits(model, ref_cache, ids, 10, **dict(kw))
+    out = _decode_logits(model, cache, ids, 10, **dict(kw))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    st = cache.attention_stats()
+    assert st["fused"] == 10 * len(cache.layers) and st["dense"] == 0, st
+    assert ref_cache.attention_stats()["dense_reasons"] == {"attention='dequantize'": 10 * len(cache.layers)}
+
+
+@needs_triton
+def test_packed_kv_used_outside_sdpa_is_dense_and_counted():
+    # Eager attention runs repeat_kv and matmuls on the returned keys: each layer dequantizes once per step, the
+    # answer is the dequantized path's, and the reason is reported.
+    torch.manual_seed(0)
+    model = _tiny(attn_implementation="eager")
+    ids = torch.randint(1, 96, (1, 40))
+    cache_kw = dict(bits=4, key_group=8, value_group=8, residual_length=8)
+    ref = _decode_logits(
+        model, QuantizedKVCache.from_model(model, attention="dequantize", **cache_kw), ids, 4
+    )
+    cache = QuantizedKVCache.from_model(model, attention="fused", **cache_kw)
+    torch.testing.assert_close(_decode_logits(model, cache, ids, 4), ref)
+    st = cache.attention_stats()
+    assert st["fused"] == 0 and st["dense"] == 4 * len(cache.layers)
+    assert all("not SDPA" in r for r in st["dense_reasons"]), st
+
+
+def test_auto_attention_dequantizes_on_cpu_and_says_why():
+    model = _tiny()
+    cache = QuantizedKVCache.from_model(model, bits=4, key_group=8, value_group=8, residual_length=8)
+    _decode_logits(model, cache, torch.randint(1, 96, (1, 40)), 3)
+    assert cache.attention_stats()["dense_reasons"] == {"no fused kernel on cpu (needs CUDA and triton)": 6}
+    with pytest.raises(ValueError, match="attention must be"):
+        QuantizedKVCache.from_model(model, attention="flash")
