@@ -275,9 +275,9 @@ def main(argv=None):
                 if bits is None:
                     cache = DynamicCache(config=cfg)
                 else:
-                    attention = mode if device == "cuda" else "dequantize"  # tiny CPU run: no kernel
+                    att_mode = mode if device == "cuda" else "dequantize"  # tiny CPU run: no kernel
                     cache = QuantizedKVCache(
-                        cfg, bits=bits, residual_length=32, num_sinks=4, attention=attention
+                        cfg, bits=bits, residual_length=32, num_sinks=4, attention=att_mode
                     )
                 fill(cache, cfg, batch, context, device, dtype)
                 held, bf16 = cache_bytes(cache)
