@@ -19,14 +19,14 @@ _spec.loader.exec_module(tiny)
 BS = tiny.BS
 
 
-def _wan_pipe(num_layers=2):
+def _wan_pipe(num_layers=2, head_dim=16):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         in_channels=4,
         out_channels=4,
         text_dim=32,
@@ -47,14 +47,17 @@ def _wan_pipe(num_layers=2):
     return pipe
 
 
-def _call(pipe, steps=2):
+def _call(pipe, steps=2, device="cpu", height=64, width=96):
     torch.manual_seed(1)
     emb = torch.randn(1, 12, 32)
+    neg = torch.randn(1, 12, 32)
     return pipe(
-        prompt_embeds=emb,
-        negative_prompt_embeds=torch.randn(1, 12, 32),
-        height=64,
-        width=96,
+        # on the execution device, as the pipeline's own text encoder would give them (diffusers moves only
+        # the conditional embeddings there under enable_model_cpu_offload)
+        prompt_embeds=emb.to(device),
+        negative_prompt_embeds=neg.to(device),
+        height=height,
+        width=width,
         num_frames=9,
         num_inference_steps=steps,
         guidance_scale=5.0,
@@ -196,12 +199,24 @@ def test_cpu_offload_hooks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="enable_model_cpu_offload needs an accelerator")
 def test_enable_model_cpu_offload_pipeline():
     pytest.importorskip("accelerate")
-    pipe = _wan_pipe()
+    # What the GPU kernel serves: bf16, head_dim 64, 128-token blocks (3 x 16 x 24 = 1,152 tokens, 9 blocks).
+    pipe = _wan_pipe(head_dim=64)
+    pipe.transformer.to(torch.bfloat16)
     pipe.enable_model_cpu_offload()
-    ref = _call(pipe)
+    size = dict(device="cuda", height=256, width=384)
+    ref = _call(pipe, **size)
     h = pipe.enable_fast_attention(method="dense")
-    assert torch.equal(_call(pipe), ref)
+    assert torch.equal(_call(pipe, **size), ref)
     h.disable()
+    from fastattn.kernels.ops import reset_fallback_counts
+
+    reset_fallback_counts()  # process-wide counter: count only this run's
+    h = pipe.enable_fast_attention(method="band", window=2)
+    sparse = _call(pipe, **size)
+    st = h.stats()
+    assert st["sparse_calls"] > 0 and not st["kernel_fallbacks"] and not torch.equal(sparse, ref), st
+    h.disable()
+    assert torch.equal(_call(pipe, **size), ref)
 
 
 def test_peft_lora():
