@@ -6,6 +6,8 @@ Public API:
 * :mod:`.pack` / :mod:`.quant`: Triton/PyTorch pack-unpack kernels, group quantization, code shrinking.
 * :mod:`.calibrate`: positional-interpolation key-scale calibration and sensitivity-based budgets.
 * :class:`PrefixKVCache`: quantize a fixed prompt-template prefix once and reuse it across prompts.
+* :func:`cache_prompt_prefix` / :class:`PromptPrefixCache`: the same inside a pipeline's LLM text encoder
+  (HunyuanVideo's template found by itself), by patching the encoder instance (``disable()`` restores it).
 * :mod:`.evaluate`: teacher-forced / free-running comparison against the full-precision cache.
 """
 
@@ -14,13 +16,16 @@ from .layer import QuantizedKVLayer
 from .pack import SUPPORTED_BITS, dequantize_packed, pack, unpack
 from .prefix import PrefixKVCache
 from .quant import QuantBlock, dequantize, quantize, shrink, shrink_codes
+from .text_encoder import PromptPrefixCache, cache_prompt_prefix, template_prefix_ids
 
 __all__ = [
     "SUPPORTED_BITS",
     "PrefixKVCache",
+    "PromptPrefixCache",
     "QuantBlock",
     "QuantizedKVCache",
     "QuantizedKVLayer",
+    "cache_prompt_prefix",
     "dequantize",
     "dequantize_packed",
     "kv_geometry",
@@ -29,5 +34,6 @@ __all__ = [
     "quantize",
     "shrink",
     "shrink_codes",
+    "template_prefix_ids",
     "unpack",
 ]

