@@ -76,6 +76,7 @@ BENCHMARKS = {
     "quality": "fastattn.bench.quality",  # presets and methods on the learned testbed (GPU; --tiny on CPU)
     "kvcache-quality": "fastattn.bench.kvcache_quality",  # quantized KV cache on real SmolLM2 (CPU)
     "kvcache-speed": "fastattn.bench.kvcache_speed",  # decode speed, 7B-class Llama (GPU; --tiny on CPU)
+    "kvcache-prefix": "fastattn.bench.kvcache_prefix",  # text-encoder template prefix cache, real SmolLM2 (CPU)
 }
 
 

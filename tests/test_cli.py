@@ -25,7 +25,14 @@ def test_demo_with_a_method_and_the_run_demo_api(tmp_path):
 def test_verbs_and_bad_input():
     ap = build_parser()
     assert ap.parse_args(["eval", "some/path", "--prompts", "a cat"]).command == "eval"
-    assert set(BENCHMARKS) == {"kernels", "e2e", "quality", "kvcache-quality", "kvcache-speed"}
+    assert set(BENCHMARKS) == {
+        "kernels",
+        "e2e",
+        "quality",
+        "kvcache-quality",
+        "kvcache-speed",
+        "kvcache-prefix",
+    }
     with pytest.raises(SystemExit):
         ap.parse_args(["bench", "nonsense"])
     with pytest.raises(ValueError, match="valid presets here"):
