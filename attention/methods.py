@@ -135,6 +135,10 @@ class DynamicConfig(MethodConfig):
     percent of attention's Q.K^T work. ``"pooled"`` scores block-mean queries against block-mean keys,
     ``block_size**2`` times cheaper than attention; on the learned testbed the two selected about equally
     well (within 0.7 dB, bench/results/quality-grid-nvidia_h200.json).
+
+    ``reuse_steps``: a layer's selection (per CFG pass) is computed at one denoising step and reused for the
+    next ``reuse_steps - 1`` steps (attention maps change slowly between neighbouring steps, as Sparse-VideoGen
+    2 and DiTFastAttn exploit); 1 selects at every call. Reused selections are counted in the stats.
     """
 
     name: ClassVar[str] = "dynamic"
@@ -145,12 +149,15 @@ class DynamicConfig(MethodConfig):
     estimator: str = "sampled"
     sample_rows: int = 8
     key_group: int = 16
+    reuse_steps: int = 1
 
     def __post_init__(self):
         if self.estimator not in ("sampled", "pooled"):
             raise ValueError(f"dynamic: estimator must be 'sampled' or 'pooled', got {self.estimator!r}")
         if not isinstance(self.sample_rows, int) or self.sample_rows < 1:
             raise ValueError(f"dynamic: sample_rows must be a positive int, got {self.sample_rows!r}")
+        if not isinstance(self.reuse_steps, int) or self.reuse_steps < 1:
+            raise ValueError(f"dynamic: reuse_steps must be a positive int, got {self.reuse_steps!r}")
         if not isinstance(self.key_group, int) or self.key_group < 1:
             raise ValueError(f"dynamic: key_group must be a positive int, got {self.key_group!r}")
         if not 0.0 < self.top_p <= 1.0:

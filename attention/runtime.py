@@ -104,6 +104,8 @@ class AttentionRuntime:
         # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
+        # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask).
+        self.selections: dict[tuple[int, int], tuple] = {}
         self._outer: AttentionRuntime | None = None
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
@@ -113,6 +115,7 @@ class AttentionRuntime:
         self.state = ForwardState(layout, step, self.num_steps(), branch, timestep)
         if step == 0 and branch == 0:
             self.residuals.clear()  # a new run: residuals of the last one describe other latents
+            self.selections.clear()
         self._outer, _current = _current, self
 
     def end_forward(self) -> None:
@@ -127,6 +130,7 @@ class AttentionRuntime:
         """End of a pipeline call: the next forward is step 0 of a new run."""
         self.tracker.reset()
         self.residuals.clear()
+        self.selections.clear()
 
     def residual_bytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.residuals.values())
@@ -174,7 +178,7 @@ class AttentionRuntime:
         if query.dtype == torch.float32 and query.is_cuda:
             return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work)
         if not plan.residual:
-            return self._method(query, key, value, attn_mask, scale, layout, work)
+            return self._method(query, key, value, attn_mask, scale, layout, work, ctx=ctx)
         return self._with_residual(query, key, value, attn_mask, scale, layout, work, ctx, capture_now)
 
     def _with_residual(self, query, key, value, attn_mask, scale, layout, work, ctx, capture_now):
@@ -185,14 +189,14 @@ class AttentionRuntime:
         if action == "apply" and (r is None or r.shape != query.shape[:3] + value.shape[-1:]):
             action = "capture"  # nothing (or a stale shape) to apply: this call runs exact
         if action == "capture":
-            sparse = self._method(query, key, value, attn_mask, scale, layout, work, count=False)
+            sparse = self._method(query, key, value, attn_mask, scale, layout, work, count=False, ctx=ctx)
             dense = self._dense(query, key, value, attn_mask, scale, "residual capture (WA-RS)", True, work)
             self.residuals[slot] = dense - sparse
             self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
             return dense
-        return self._method(query, key, value, attn_mask, scale, layout, work) + r
+        return self._method(query, key, value, attn_mask, scale, layout, work, ctx=ctx) + r
 
-    def _method(self, query, key, value, attn_mask, scale, layout, work, count: bool = True):
+    def _method(self, query, key, value, attn_mask, scale, layout, work, count: bool = True, ctx=None):
         """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
         b, s = query.shape[:2]
         keep = None
@@ -204,15 +208,15 @@ class AttentionRuntime:
                 return self._dense(query, key, value, attn_mask, scale, why, False, work)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D] views, no copy
         if keep is None:
-            out = self._sparse(q, k, v, layout, scale, work, count)
+            out = self._sparse(q, k, v, layout, scale, work, count, ctx)
         else:
             out = self._sparse_key_padding(q, k, v, keep, layout, scale, work, count)
         return out.transpose(1, 2)
 
-    def _sparse(self, q, k, v, layout, scale, work, count: bool = True):
+    def _sparse(self, q, k, v, layout, scale, work, count: bool = True, ctx=None):
         plan = self.plan
         if plan.method.dynamic:
-            mask = select_blocks(q, k, layout, plan.method, plan.block_size, scale)
+            mask = self._selection(q, k, layout, scale, ctx)
         else:
             mask = self.masks.get(plan, layout)
         if plan.quant != "none" and not q.is_cuda:
@@ -232,6 +236,24 @@ class AttentionRuntime:
             density = mask.block_density_tensor() if plan.method.dynamic else mask.block_density()
             self.stats.add_sparse(work, density)
         return out
+
+    def _selection(self, q, k, layout, scale, ctx) -> BlockMask:
+        """The dynamic block selection for this call: computed, or reused from an earlier step of the same layer
+        and CFG pass (``reuse_steps``) when the layout and shapes are unchanged."""
+        cfg = self.plan.method
+        slot = (ctx.layer, ctx.cfg_branch) if ctx is not None and cfg.reuse_steps > 1 else None
+        if slot is not None:
+            hit = self.selections.get(slot)
+            if hit is not None:
+                step, lay, shape, mask = hit
+                if lay == layout and shape == q.shape and 0 <= ctx.step - step < cfg.reuse_steps:
+                    self.stats.selection_reuses += 1
+                    return mask
+        mask = select_blocks(q, k, layout, cfg, self.plan.block_size, scale)
+        self.stats.selections += 1
+        if slot is not None:
+            self.selections[slot] = (ctx.step, layout, q.shape, mask)
+        return mask
 
     def _sparse_key_padding(self, q, k, v, keep, layout, scale, work, count: bool = True):
         """Exact attention under a key-padding mask: sparse over the kept tokens, dense for dropped rows.

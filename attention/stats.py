@@ -21,6 +21,8 @@ class AttentionStats:
     forwards: int = 0
     layers_per_forward: int | None = None
     pending_work: torch.Tensor | None = None  # device-side sum of dynamic masks' computed work
+    selections: int = 0  # dynamic block selections computed
+    selection_reuses: int = 0  # dynamic calls that reused an earlier step's selection (reuse_steps)
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
         self.calls += 1
@@ -68,4 +70,6 @@ class AttentionStats:
             "fallback_calls": sum(self.fallbacks.values()),
             "forwards": self.forwards,
             "layers_per_forward": self.layers_per_forward,
+            "selections": self.selections,
+            "selection_reuses": self.selection_reuses,
         }

@@ -68,7 +68,7 @@ def grid_configs(tiny: bool) -> list[dict]:
 
 def label_of(cfg: dict) -> str:
     if "preset" in cfg:
-        return f"preset {cfg['preset']}"
+        return f"preset {cfg['preset']}" + "".join(f" {k}={v}" for k, v in cfg.items() if k != "preset")
     parts = [cfg["method"]]
     if cfg.get("estimator") == "pooled":
         parts.append("pooled")
@@ -81,6 +81,8 @@ def label_of(cfg: dict) -> str:
         parts.append(cfg["quant"])
     if cfg.get("dense_steps"):
         parts.append(f"dense_steps={cfg['dense_steps']}")
+    if cfg.get("reuse_steps", 1) > 1:
+        parts.append(f"reuse={cfg['reuse_steps']}")
     if cfg.get("residual"):
         parts.append("WA-RS" + (f"/{cfg['residual_refresh']}" if cfg.get("residual_refresh") else ""))
     return " ".join(parts)
@@ -158,6 +160,37 @@ class Runner:
         }
 
 
+def run_only(model, held, frames, size, steps, block, device, configs, args, console, t_start) -> int:
+    """``--only``: dense, then each given configuration (twice dense-timed: before and after) on the held-out set."""
+    runner = Runner(model, held, frames, size, steps, block, device)
+    rows = [runner.score(dict(method="dense"))]
+    rows += [runner.score(dict(c)) for c in configs]
+    rows.append(runner.score(dict(method="dense")))
+    dense_s = min(r["seconds"] for r in (rows[0], rows[-1]))
+    for r in rows:
+        if "error" not in r:
+            r["speedup_vs_dense"] = dense_s / r["seconds"]
+    record = {"bench": "quality-only", "frames": frames, "size": size, "steps": steps, "block_size": block,
+              "heldout_clips": held, **_versions(), "dense_seconds_best": dense_s, "rows": rows,
+              "elapsed_s": round(time.time() - t_start, 1)}  # fmt: skip
+    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out = (
+        Path(args.out)
+        if args.out
+        else base / f"quality-only-{record['device'].lower().replace(' ', '_')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    for r in rows:
+        if "error" in r:
+            console.print(f"{r['config']:60s} error: {r['error'][:80]}")
+            continue
+        console.print(f"{r['config']:60s} density {r['attention_density']:.3f}  PSNR {r['psnr']:6.2f}  "
+                      f"{r['seconds']:6.2f} s  {r['speedup_vs_dense']:.2f}x dense")  # fmt: skip
+    console.print(f"wrote {out}")
+    return 0
+
+
 def pick(grid: list[dict], min_psnr: float, methods=("window3d", "band", "radial", "dynamic")) -> dict | None:
     """Lowest-density grid configuration of ``methods`` whose tune PSNR reaches ``min_psnr``."""
     ok = [r for r in grid if "error" not in r and r["args"]["method"] in methods and r["psnr"] >= min_psnr]
@@ -171,7 +204,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output JSON (default $OUT/ or bench/results/)")
     ap.add_argument("--skip-grid", action="store_true",
                     help="held-out set only (the presets were chosen from an earlier run's tune grid)")  # fmt: skip
+    ap.add_argument("--only", default=None,
+                    help="JSON list of configurations (enable() kwargs, e.g. '[{\"preset\": \"testbed/balanced\", "
+                         "\"reuse_steps\": 2}]'): time and score just these on the held-out set, after dense")  # fmt: skip
     args = ap.parse_args(argv)
+    only = json.loads(args.only) if args.only else None
 
     from fastattn.testbed.model import TestbedConfig, TestbedDiT
     from fastattn.testbed.sample import load_testbed
@@ -205,6 +242,8 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     tune_rows, selected = [], {}
+    if only is not None:
+        return run_only(model, held, frames, size, steps, block, device, only, args, console, t_start)
     if not args.skip_grid:
         tune_runner = Runner(model, tune, frames, size, steps, block, device)
         tune_rows = [tune_runner.score(c) for c in tqdm(grid, desc="tune grid")]

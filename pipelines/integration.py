@@ -96,6 +96,7 @@ class ModelHandle:
                 delattr(model, _ATTR)
         self.runtime.masks.clear()
         self.runtime.residuals.clear()
+        self.runtime.selections.clear()
         self.enabled = False
 
     def stats(self) -> dict:

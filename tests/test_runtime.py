@@ -269,3 +269,38 @@ def test_dynamic_density_is_accumulated_on_device_and_exact():
     mask = select_blocks(*(x.transpose(1, 2) for x in list(_qkv(b=2))[:2]), LAYOUT, cfg, 8)
     with pytest.raises(ValueError, match="does not fit"):
         mask.mark_valid(2, 2, LAYOUT.seq_len + 1)
+
+
+def test_dynamic_selection_reused_for_reuse_steps_per_layer_and_cfg_pass():
+    cfg = DynamicConfig(top_p=0.6, min_density=0.2, max_density=0.6, reuse_steps=2)
+    rt = AttentionRuntime(AttentionPlan(cfg, block_size=8), 2)
+    seen = []
+    rt.sparse_fn = lambda q, k, v, mask, scale=None, quant="none": seen.append(mask) or torch.zeros_like(q)
+    torch.manual_seed(0)
+    inputs = [
+        [tuple(torch.randn(1, LAYOUT.seq_len, 2, 16) for _ in range(3)) for _ in range(2)] for _ in range(3)
+    ]
+    for step in range(3):  # two layers per forward, CFG as two passes per step
+        for _branch in range(2):
+            rt.begin_forward(LAYOUT, 100.0 - step)
+            for layer in range(2):
+                runtime_attention(*inputs[step][layer], None, None)
+            rt.end_forward()
+    # calls in order: (step, branch, layer); step 1 reuses step 0's masks, step 2 selects anew
+    by = {
+        (s, b, layer): seen[s * 4 + b * 2 + layer] for s in range(3) for b in range(2) for layer in range(2)
+    }
+    for b in range(2):
+        for layer in range(2):
+            assert by[(1, b, layer)] is by[(0, b, layer)]
+            assert by[(2, b, layer)] is not by[(1, b, layer)]
+    assert by[(0, 0, 0)] is not by[(0, 1, 0)] and by[(0, 0, 0)] is not by[(0, 0, 1)]
+    st = rt.stats.as_dict()
+    assert st["selections"] == 8 and st["selection_reuses"] == 4
+    # the reused mask is the one step 0 selected, not one recomputed from step 1's inputs
+    fresh = select_blocks(*(x.transpose(1, 2) for x in inputs[1][0][:2]), LAYOUT, cfg, 8)
+    assert not torch.equal(fresh.to_token_mask(), by[(1, 0, 0)].to_token_mask())
+    rt.reset_run()
+    assert rt.selections == {}
+    with pytest.raises(ValueError, match="reuse_steps must be a positive int"):
+        DynamicConfig(reuse_steps=0)
