@@ -294,11 +294,21 @@ def _descriptor(t: torch.Tensor, block: list[int]):
         return None
 
 
-def default_tiles(head_dim: int, quant: bool, block_m: int):
+def _short_d64(head_dim: int, quant: bool, seq_len: int | None) -> bool:
+    # H200 sweep at 4,096 tokens, head_dim 64, 3-D window 30%: (32, 4, 2) with pointer loads 0.078 ms against
+    # 0.34 ms for the long-sequence default (128, 8, 3) with TMA (cuDNN dense: 0.079 ms). Not measured beyond
+    # 8k tokens, so longer sequences keep the default.
+    return head_dim == 64 and not quant and seq_len is not None and seq_len <= 8192
+
+
+def default_tiles(head_dim: int, quant: bool, block_m: int, seq_len: int | None = None):
     """(BLOCK_N, num_warps, num_stages) for a launch; from the H100 sweep in bench/results/tune-*.json
-    (with TMA: bf16 (128, 8, 3) 0.85-0.88x cuDNN dense on Wan-1.3B, quantized (128, 8, 2))."""
+    (with TMA: bf16 (128, 8, 3) 0.85-0.88x cuDNN dense on Wan-1.3B, quantized (128, 8, 2)); short head_dim-64
+    sequences: see ``_short_d64``."""
     if interpreting():
         return min(block_m, 32), 4, 1
+    if _short_d64(head_dim, quant, seq_len):
+        return 32, 4, 2
     return (128, 8, 2) if quant else (128, 8, 3)
 
 
@@ -363,10 +373,10 @@ def triton_attention(
     spec = Qz.QuantSpec.parse(quant)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     bm = block_mask.block_size
-    block_n, warps, stages = tiles or default_tiles(d, spec.qk_bits > 0, bm)
+    block_n, warps, stages = tiles or default_tiles(d, spec.qk_bits > 0, bm, s)
     block_n = min(block_n, bm)
     if use_tma is None:
-        use_tma = tma_available(q)
+        use_tma = tma_available(q) and not (tiles is None and _short_d64(d, spec.qk_bits > 0, s))
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
