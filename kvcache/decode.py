@@ -10,13 +10,18 @@ body, enough slices to fill the GPU even at batch 1. Every program keeps an onli
 that share its KV head (GQA rows ride along in one tile, so each packed byte is read once per step) and writes a
 normalized partial output with its log-sum-exp; a second kernel merges the partials.
 
-Dequantization is the same formula as :func:`fastattn.kvcache.pack.dequantize_packed` (fp32 ``code * scale +
-zero``, times the calibrated key scale if any, then rounded to the model dtype), so the keys and values the dot
-products see are bit-identical to the ones the unfused path materializes.
+Values, and keys in the generic path, are dequantized with the formula of
+:func:`fastattn.kvcache.pack.dequantize_packed` (fp32 ``code * scale + zero``, times the calibrated key scale if
+any, then rounded to the model dtype): bit-identical to what the unfused path materializes. With per-channel key
+groups that no tile straddles (the default layout) the key scales are folded into the query instead,
+``q . (c * s + z) = (q * s) . c + q . z``: algebraically the same, with ``q * s`` rounded to fp16 for bf16/fp16
+models (a 10-bit mantissa: on an H200, rounding it to bf16 instead doubled the error against fp32 keys compared
+with the unfused path's bf16 keys) and kept in fp32 for fp32 models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -96,7 +101,7 @@ if HAS_TRITON:
         R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BITS: tl.constexpr,
         K_GR: tl.constexpr, K_GC: tl.constexpr, V_GR: tl.constexpr, V_GC: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KSCALE: tl.constexpr, PRECISION: tl.constexpr,
-        VEC: tl.constexpr, K_ROW: tl.constexpr, V_TOK: tl.constexpr,
+        VEC: tl.constexpr, K_ROW: tl.constexpr, V_TOK: tl.constexpr, KROW_F16: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0).to(tl.int64)  # batch * HKV + kv head
         split = tl.program_id(1)
@@ -146,8 +151,13 @@ if HAS_TRITON:
                         ks = ks * kscale
                         kz = kz * kscale
                     qf = q.to(tl.float32)
-                    c = _codes(kc_ptr, r, t_ok[:, None], d, D, BITS, BLOCK_N, VEC).to(q.dtype)
-                    s = tl.dot((qf * ks).to(q.dtype), tl.trans(c), input_precision=PRECISION)
+                    c = _codes(kc_ptr, r, t_ok[:, None], d, D, BITS, BLOCK_N, VEC)
+                    if KROW_F16:  # codes (< 256) are exact in fp16; q * s keeps 10 mantissa bits
+                        s = tl.dot(
+                            (qf * ks).to(tl.float16), tl.trans(c.to(tl.float16)), input_precision=PRECISION
+                        )
+                    else:
+                        s = tl.dot(qf * ks, tl.trans(c.to(tl.float32)), input_precision=PRECISION)
                     s = (s + tl.sum(qf * kz, 1)[:, None]) * qk_scale
                 else:
                     k = _dequant_tile(
@@ -274,6 +284,11 @@ def fused_decode_attention(
     s_visible = num_sinks + (n - skip) + (f - num_sinks)
     if bias is not None and (bias.shape != (b, s_visible) or bias.dtype != torch.float32):
         raise ValueError(f"bias must be float32 [{b}, {s_visible}], got {tuple(bias.shape)} {bias.dtype}")
+    for name, t in (("full-precision keys", fp_k), ("full-precision values", fp_v)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} are {t.dtype} on {t.device}, the query {q.dtype} on {q.device}")
+    if q_k.data.device != q.device or (bias is not None and bias.device != q.device):
+        raise ValueError(f"the packed cache and the mask must be on the query's device {q.device}")
     body = n - (skip - skip % block_n)  # from the tile that holds the first visible body token
     want = _num_body_splits(b * hkv, body, q.device, block_n, programs_per_sm)
     tokens_per_split = math.ceil(math.ceil(body / block_n) / want) * block_n if want else block_n
@@ -286,22 +301,24 @@ def fused_decode_attention(
     d_pad = max(16, triton.next_power_of_2(d))
     vec = vectorized and d == d_pad
     dummy = lse  # never read when the matching HAS_* flag is off
-    _partial_kernel[(b * hkv, splits)](
-        q, fp_k.contiguous(), fp_v.contiguous(),
-        q_k.data.contiguous(), q_k.scale.contiguous(), q_k.zero.contiguous(),
-        q_v.data.contiguous(), q_v.scale.contiguous(), q_v.zero.contiguous(),
-        key_scale.float().reshape(-1, d).expand(hkv, d).contiguous() if key_scale is not None else dummy,
-        bias if bias is not None else dummy, part, lse,
-        f, n, skip, num_sinks, hkv, s_visible, tokens_per_split, splits, scale * _LOG2E,
-        R=r, R_PAD=max(16, triton.next_power_of_2(r)), D=d, D_PAD=d_pad, BITS=q_k.bits,
-        K_GR=q_k.group[0], K_GC=q_k.group[1], V_GR=q_v.group[0], V_GC=q_v.group[1],
-        BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_KSCALE=key_scale is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VEC=vec,
-        K_ROW=q_k.group[1] == 1 and q_k.group[0] % block_n == 0,
-        V_TOK=vec and q_v.group[0] == 1 and d % q_v.group[1] == 0 and _pow2(d // q_v.group[1]),
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    _merge_kernel[(b * hkv * r,)](part, lse, out, splits, R=r, D=d, D_PAD=d_pad, num_warps=1)
+    # Triton launches on the current CUDA device: make it the query's (models split over several GPUs).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _partial_kernel[(b * hkv, splits)](
+            q, fp_k.contiguous(), fp_v.contiguous(),
+            q_k.data.contiguous(), q_k.scale.contiguous(), q_k.zero.contiguous(),
+            q_v.data.contiguous(), q_v.scale.contiguous(), q_v.zero.contiguous(),
+            key_scale.float().reshape(-1, d).expand(hkv, d).contiguous() if key_scale is not None else dummy,
+            bias.contiguous() if bias is not None else dummy, part, lse,
+            f, n, skip, num_sinks, hkv, s_visible, tokens_per_split, splits, scale * _LOG2E,
+            R=r, R_PAD=max(16, triton.next_power_of_2(r)), D=d, D_PAD=d_pad, BITS=q_k.bits,
+            K_GR=q_k.group[0], K_GC=q_k.group[1], V_GR=q_v.group[0], V_GC=q_v.group[1],
+            BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_KSCALE=key_scale is not None,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VEC=vec,
+            K_ROW=q_k.group[1] == 1 and q_k.group[0] % block_n == 0, KROW_F16=q.dtype != torch.float32,
+            V_TOK=vec and q_v.group[0] == 1 and d % q_v.group[1] == 0 and _pow2(d // q_v.group[1]),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        _merge_kernel[(b * hkv * r,)](part, lse, out, splits, R=r, D=d, D_PAD=d_pad, num_warps=1)
     return out
 
 

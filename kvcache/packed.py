@@ -36,6 +36,7 @@ class DecodeView:
         self.q_k, self.q_v = q_k, q_v
         self.num_sinks, self.skip, self.key_scale = num_sinks, skip, key_scale
         self._dense = None
+        self.mutated = False  # an in-place op changed the dense copy: the packed codes no longer describe it
         b, h, f, d = fp_k.shape
         self.shape = (b, h, f + q_k.data.shape[-2] - skip, d)
 
@@ -89,7 +90,14 @@ class PackedKV(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        args, kwargs = _densify((args, kwargs or {}), f"used by {func.__name__} (not SDPA)")
+        kwargs = kwargs or {}
+        if (
+            func._schema.is_mutable
+        ):  # in place / out=: it lands in the dense copy, so SDPA must read that copy
+            for x in (*args, *kwargs.values()):
+                if isinstance(x, PackedKV):
+                    x.view.mutated = True
+        args, kwargs = _densify((args, kwargs), f"used by {func.__name__} (not SDPA)")
         return func(*args, **kwargs)
 
 
@@ -111,6 +119,8 @@ def _try_fused_sdpa(args, kwargs) -> tuple[torch.Tensor | None, str]:
     ):
         return None, "SDPA keys/values are not one packed cache view"
     view = k.view
+    if view.mutated:
+        return None, "keys/values were modified in place"
     b, hkv, s, d = k.shape
     if isinstance(q, PackedKV) or q.dim() != 4 or q.shape[0] != b or q.shape[-1] != d:
         return None, f"query shape {tuple(q.shape)} does not match keys {tuple(k.shape)}"

@@ -27,6 +27,8 @@ import torch
 from .cache import QuantizedKVCache, kv_geometry
 
 _PROBES = ("a cat", "Zebra 123 on a bright beach", ".", "\u00e9t\u00e9")
+_ACTIVE_PATCHES: dict[int, PromptPrefixCache] = {}  # id(encoder) -> its enabled prefix cache
+
 _UNSUPPORTED_KWARGS = (
     "inputs_embeds",
     "past_key_values",
@@ -34,6 +36,7 @@ _UNSUPPORTED_KWARGS = (
     "position_ids",
     "cache_position",
     "output_attentions",
+    "logits_to_keep",
 )
 
 
@@ -76,7 +79,8 @@ class PromptPrefixCache:
     """Handle of a patched text encoder (see the module docstring). Build it with :func:`cache_prompt_prefix`."""
 
     def __init__(self, encoder, prefix_ids: torch.Tensor, bits: int = 8, **cache_kwargs):
-        if "forward" in encoder.__dict__ and getattr(encoder.forward, "_fastattn_prefix", None) is not None:
+        active = _ACTIVE_PATCHES.get(id(encoder))
+        if active is not None and active.encoder is encoder and active.enabled:
             raise RuntimeError("this text encoder already has a prompt prefix cache; disable() it first")
         self._cache_arg = _cache_argument(encoder)
         if prefix_ids.dim() != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
@@ -89,7 +93,7 @@ class PromptPrefixCache:
         _, heads, head_dim = kv_geometry(encoder.config)
         empty = torch.empty(1, heads, 0, head_dim)
         probe.layers[0].lazy_initialization(empty, empty)
-        self._prefix = None  # (device, dtype) -> built lazily on the device the encoder runs on
+        self._prefix = None  # built lazily where the encoder runs; rebuilt if its device, dtype or weights change
         self._stats = {"hits": 0, "misses": 0, "miss_reasons": {}, "tokens_skipped": 0, "builds": 0}
         self._had_forward = "forward" in encoder.__dict__
         self._saved_forward = encoder.__dict__.get("forward")
@@ -98,8 +102,9 @@ class PromptPrefixCache:
         def forward(*args, **kwargs):
             return self._forward(*args, **kwargs)
 
-        forward._fastattn_prefix = self
+        self._patched = forward
         encoder.forward = forward
+        _ACTIVE_PATCHES[id(encoder)] = self
         self.enabled = True
 
     @property
@@ -110,12 +115,17 @@ class PromptPrefixCache:
         """Put the encoder's ``forward`` back as it was and free the cached prefix."""
         if not self.enabled:
             return
-        if getattr(self.encoder.__dict__.get("forward"), "_fastattn_prefix", None) is not self:
-            raise RuntimeError("the encoder's forward was replaced after the prefix cache was enabled")
+        if self.encoder.__dict__.get("forward") is not self._patched:
+            # e.g. an offload hook added later wraps our forward: removing ours would remove the hook too
+            raise RuntimeError(
+                "the encoder's forward was replaced after the prefix cache was enabled (e.g. by an offload hook); "
+                "remove that wrapper first, then disable() the prefix cache"
+            )
         if self._had_forward:
             self.encoder.forward = self._saved_forward
         else:
             del self.encoder.forward
+        _ACTIVE_PATCHES.pop(id(self.encoder), None)
         self._prefix = None
         self.enabled = False
 
@@ -141,7 +151,14 @@ class PromptPrefixCache:
                 **{self._cache_arg: cache},
             )
         self._stats["builds"] += 1
-        return {"device": device, "cache": cache, "out": out}
+        return {"key": self._key(device), "cache": cache, "out": out}
+
+    def _key(self, device: torch.device) -> tuple:
+        """What the cached prefix depends on: device, dtype and the weights (in-place updates bump a parameter's
+        version; replaced or added parameters, e.g. a LoRA, change the identities)."""
+        params = list(self.encoder.parameters())
+        dtype = params[0].dtype if params else None
+        return (device, dtype, len(params), sum(p._version for p in params), sum(id(p) for p in params))
 
     def _forward(self, *args, **kwargs):
         if args:
@@ -150,7 +167,9 @@ class PromptPrefixCache:
         bad = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None and kwargs.get(k) is not False]
         if ids is None or bad:
             return self._miss(f"call with {bad[0] if bad else 'no input_ids'}", args, kwargs)
-        if kwargs.get("return_dict") is False:
+        config = self.encoder.config
+        return_dict = kwargs.get("return_dict")
+        if return_dict is False or (return_dict is None and not getattr(config, "return_dict", True)):
             return self._miss("return_dict=False", args, kwargs)
         p = self.length
         if ids.dim() != 2 or ids.shape[1] <= p:
@@ -159,14 +178,18 @@ class PromptPrefixCache:
             return self._miss("input does not start with the cached prefix", args, kwargs)
         if mask is not None and (mask.dim() != 2 or not bool(mask[:, :p].all())):
             return self._miss("attention mask hides part of the prefix", args, kwargs)
-        if self._prefix is None or self._prefix["device"] != ids.device:
+        if self._prefix is None or self._prefix["key"] != self._key(ids.device):
             self._prefix = self._build(ids.device)
         b, s = ids.shape[0], ids.shape[1] - p
         cache = copy.deepcopy(self._prefix["cache"])
         if b > 1:
             cache.batch_repeat_interleave(b)
         want_hidden = kwargs.pop("output_hidden_states", None)
-        kwargs.pop("use_cache", None)
+        if want_hidden is None:
+            want_hidden = getattr(config, "output_hidden_states", False)
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is None:
+            use_cache = getattr(config, "use_cache", True)
         kwargs.update(
             input_ids=ids[:, p:],
             **{self._cache_arg: cache},
@@ -177,7 +200,12 @@ class PromptPrefixCache:
         out = self._orig(**kwargs)
         self._stats["hits"] += 1
         self._stats["tokens_skipped"] += b * p
-        return self._join(self._prefix["out"], out, b, bool(want_hidden))
+        out = self._join(self._prefix["out"], out, b, bool(want_hidden))
+        if not use_cache:  # the caller asked for no cache: do not hand back (and keep alive) the forked one
+            for name in ("past_key_values", "cache"):
+                if getattr(out, name, None) is not None:
+                    setattr(out, name, None)
+        return out
 
     @staticmethod
     def _join(prefix_out, out, batch: int, want_hidden: bool):

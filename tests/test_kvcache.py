@@ -611,3 +611,40 @@ def test_auto_attention_dequantizes_on_cpu_and_says_why():
     assert cache.attention_stats()["dense_reasons"] == {"no fused kernel on cpu (needs CUDA and triton)": 6}
     with pytest.raises(ValueError, match="attention must be"):
         QuantizedKVCache.from_model(model, attention="flash")
+
+
+@needs_triton
+def test_fused_decode_half_precision_is_as_close_as_the_dequantized_path():
+    # The default key layout folds key scales into the query; in half precision that product is rounded to
+    # fp16, which must not lose more than the unfused path's rounded keys do.
+    from fastattn.kvcache.decode import fused_decode_attention
+
+    torch.manual_seed(0)
+    b, h, g, n, d, f, ns = 2, 2, 4, 256, 64, 9, 3
+    qk = quantize(torch.randn(b, h, n, d) * 4 + 2, 4, (64, 1), "torch")
+    qv = quantize(torch.randn(b, h, n, d), 4, (1, 64), "torch")
+    fk, fv, q = torch.randn(b, h, f, d), torch.randn(b, h, f, d), torch.randn(b, h, g, d) * 2
+    keys = torch.cat([fk[:, :, :ns], dequantize(qk, torch.float32, "torch"), fk[:, :, ns:]], -2)
+    vals = torch.cat([fv[:, :, :ns], dequantize(qv, torch.float32, "torch"), fv[:, :, ns:]], -2)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), keys.double(), vals.double())
+    half = [x.half() for x in (q, fk, fv)]
+    fused = fused_decode_attention(half[0], half[1], half[2], qk, qv, num_sinks=ns).double()
+    unfused = torch.nn.functional.scaled_dot_product_attention(*(x.half().float() for x in (q, keys, vals)))
+    err_fused, err_unfused = (fused - exact).abs().max(), (unfused.double() - exact).abs().max()
+    assert err_fused <= 1.5 * err_unfused, (err_fused, err_unfused)
+
+
+@needs_triton
+def test_packed_kv_modified_in_place_is_read_dense():
+    layer = QuantizedKVLayer(
+        bits=4, key_group=8, value_group=8, residual_length=4, num_sinks=2, attention="fused"
+    )
+    torch.manual_seed(0)
+    layer.update(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16))
+    keys, values = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    q = torch.randn(1, 2, 1, 16)
+    keys.mul_(0.5)  # in place: the fused kernel reads the packed codes, which no longer describe these keys
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
+    dk, dv = keys.view.dense("check")
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, dk, dv))
+    assert layer.attention_stats()["fused"] == 0

@@ -152,3 +152,47 @@ def test_hunyuan_video_encode_prompt_with_the_prefix_cache():
     assert h.stats()["hits"] == 1 and h.stats()["tokens_skipped"] == 2 * h.length
     h.disable()
     assert torch.equal(encode()[0], ref)
+
+
+def test_prefix_follows_weight_and_dtype_changes_and_config_defaults():
+    enc = _encoder()
+    prefix = torch.randint(0, 96, (1, P))
+    ids = torch.cat([prefix, torch.randint(0, 96, (1, 20))], 1)
+    h = cache_prompt_prefix(enc, prefix_ids=prefix, value_group=16)
+    _full(enc, ids, None)
+    with torch.no_grad():
+        enc.layers[0].self_attn.q_proj.weight.mul_(1.5)  # e.g. a LoRA merged in place
+    h.disable()
+    ref = _full(enc, ids, None)
+    h = cache_prompt_prefix(enc, prefix_ids=prefix, value_group=16)
+    _full(enc, ids, None)
+    with torch.no_grad():
+        enc.layers[0].self_attn.q_proj.weight.mul_(1 / 1.5)
+        enc.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    out = _full(enc, ids, None)
+    assert h.stats()["builds"] == 2  # the in-place update was noticed
+    torch.testing.assert_close(
+        out.last_hidden_state[:, :P], ref.last_hidden_state[:, :P], rtol=1e-5, atol=1e-5
+    )
+    enc.to(torch.float64)
+    assert _full(enc, ids, None).last_hidden_state.dtype == torch.float64 and h.stats()["builds"] == 3
+    enc.to(torch.float32)
+    enc.config.output_hidden_states = True  # the config's default applies when the argument is left out
+    with torch.no_grad():
+        out = enc(input_ids=ids, use_cache=False)
+    assert out.hidden_states is not None and len(out.hidden_states) == 4 and out.past_key_values is None
+    h.disable()
+
+
+def test_disable_refuses_to_drop_a_wrapper_added_later():
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    enc = _encoder()
+    h = cache_prompt_prefix(enc, prefix_ids=torch.zeros(1, 3, dtype=torch.long), value_group=16)
+    add_hook_to_module(enc, ModelHook())  # wraps the instance's forward, copying its attributes
+    with pytest.raises(RuntimeError, match="replaced after the prefix cache was enabled"):
+        h.disable()
+    remove_hook_from_module(enc)
+    h.disable()
+    assert "forward" not in enc.__dict__
