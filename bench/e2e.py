@@ -292,6 +292,19 @@ def time_forward(model, inputs, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) * 1000.0 / iters
 
 
+def time_schedule(model, inputs, steps: int) -> float:
+    """ms of a whole ``steps``-step schedule (timesteps falling linearly from the input's), so dense steps,
+    residual captures/refreshes and selection reuse all count as they would in a real run."""
+    t0 = inputs["timestep"]
+    with torch.no_grad():
+        _sync()
+        start = time.perf_counter()
+        for i in range(steps):
+            model(**dict(inputs, timestep=t0 * (1.0 - i / steps)))
+        _sync()
+    return (time.perf_counter() - start) * 1000.0
+
+
 def attention_share(model, inputs) -> float | None:
     """Fraction of GPU kernel time in attention kernels over one forward (torch.profiler)."""
     if not torch.cuda.is_available():
@@ -319,8 +332,22 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--budget-s", type=float, default=450.0, help="skip remaining cases after this many seconds"
     )
+    ap.add_argument(
+        "--schedule-steps", type=int, default=0,
+        help="also time whole schedules of this many steps (dense baseline and every plan with its own dense steps)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--extra-plans", default=None,
+        help='JSON list of extra plans to time next to the presets, e.g. \'[{"name": "dyn0.2", "method": '
+             '"dynamic", "min_density": 0.2, "max_density": 0.2, "dense_steps": 5, "residual": true, '
+             '"residual_refresh": 4, "reuse_steps": 4}]\'',
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    extra = json.loads(args.extra_plans) if args.extra_plans else []
+    for e in extra:
+        if "name" not in e:
+            raise SystemExit(f"--extra-plans: every plan needs a 'name', got {e}")
 
     import diffusers
     import fastattn.api as fa
@@ -356,13 +383,16 @@ def main(argv=None) -> int:
         best = min(base, key=base.get)
         model.set_attention_backend(best)
         share_dense = attention_share(model, inputs)
+        base_schedule_ms = time_schedule(model, inputs, args.schedule_steps) if args.schedule_steps else None
         layers = {k: run_cfg[k] for k in ("num_layers", "num_single_layers") if k in run_cfg}
         full_layers = {k: cfg[k] for k in layers}
-        for preset in presets:
+        plans = [(p, dict(preset=p)) for p in presets]
+        plans += [(e["name"], {k: v for k, v in e.items() if k != "name"}) for e in extra]
+        for preset, plan_kwargs in plans:
             knobs = dict(dense_steps=0)  # time a sparse step; dense steps are reported via schedule_speedup
             if tiny:
                 knobs["block_size"] = 16
-            handle = fa.enable(model, preset=preset, **knobs)
+            handle = fa.enable(model, **{**plan_kwargs, **knobs})
             plan = handle.plan
             try:
                 step_ms = time_forward(model, inputs, warmup, iters)
@@ -370,7 +400,25 @@ def main(argv=None) -> int:
                 stats = handle.stats()
             finally:
                 handle.disable()
-            dense_steps = fa.make_plan(handle.models[0].adapter.family, preset).dense_steps
+            family = handle.models[0].adapter.family
+            full_kwargs = {**plan_kwargs, **({"block_size": 16} if tiny else {})}
+            dense_steps = fa.make_plan(
+                family, **{k: v for k, v in full_kwargs.items() if k != "block_size"}
+            ).dense_steps
+            schedule = None
+            if args.schedule_steps:
+                handle = fa.enable(model, **full_kwargs)  # the plan as users run it: its own dense steps
+                try:
+                    sched_ms = time_schedule(model, inputs, args.schedule_steps)
+                    sched_stats = handle.stats()
+                finally:
+                    handle.disable()
+                schedule = dict(
+                    steps=args.schedule_steps, ms=sched_ms, baseline_ms=base_schedule_ms,
+                    speedup=base_schedule_ms / sched_ms, density=sched_stats["density"],
+                    planned_dense=sched_stats["planned_dense"], fallbacks=sched_stats["fallbacks"],
+                    selections=sched_stats.get("selections"), selection_reuses=sched_stats.get("selection_reuses"),
+                )  # fmt: skip
             n_steps = 50
             sched = n_steps * base[best] / (dense_steps * base[best] + (n_steps - dense_steps) * step_ms)
             rec = dict(
@@ -399,6 +447,8 @@ def main(argv=None) -> int:
                 attn_share_fast=share_fast,
                 dense_steps_in_preset=dense_steps,
                 schedule_speedup_50_steps=sched,
+                schedule_measured=schedule,
+                plan_kwargs=plan_kwargs,
                 fallbacks=stats["fallbacks"],
                 kernel_fallbacks=stats["kernel_fallbacks"],
                 layers=layers,

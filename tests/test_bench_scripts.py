@@ -1,0 +1,30 @@
+"""The GPU benchmark scripts' logic, on their tiny CPU configurations (numbers are meaningless here)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+
+def test_e2e_tiny_times_schedules_and_extra_plans(tmp_path):
+    from fastattn.bench import e2e
+
+    out = tmp_path / "e2e.json"
+    extra = [dict(name="dyn", method="dynamic", min_density=0.3, max_density=0.3, top_p=1.0, dense_steps=1,
+                  residual=True, residual_refresh=4, reuse_steps=2)]  # fmt: skip
+    rc = e2e.main(["--tiny", "--only", "Wan", "--schedule-steps", "4", "--extra-plans", json.dumps(extra),
+                   "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    recs = {r["preset"]: r for r in (data["records"] if isinstance(data, dict) else data)}
+    assert set(recs) == {"balanced", "fast", "dyn"}
+    for r in recs.values():
+        sched = r["schedule_measured"]
+        assert (
+            sched["steps"] == 4 and sched["ms"] > 0 and sched["baseline_ms"] > 0 and 0 < sched["density"] <= 1
+        )
+    dyn = recs["dyn"]["schedule_measured"]
+    assert dyn["selection_reuses"] > 0 and dyn["planned_dense"].get("residual capture (WA-RS)", 0) > 0
+    with pytest.raises(SystemExit, match="needs a 'name'"):
+        e2e.main(["--tiny", "--extra-plans", '[{"method": "dense"}]'])
