@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from fastattn.kvcache import QuantizedKVCache  # noqa: E402
+from fastattn.kvcache.cache import with_cache  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 try:
@@ -97,11 +98,11 @@ def sync(device: str) -> None:
 def decode_tps(model, cache, batch: int, steps: int, warmup: int, device: str) -> float:
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     for _ in range(warmup):
-        model(input_ids=tok, past_key_values=cache, use_cache=True)
+        model(input_ids=tok, use_cache=True, **with_cache(model, cache))
     sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=tok, use_cache=True, **with_cache(model, cache)).logits
         tok = logits[:, -1:].argmax(-1)
     sync(device)
     return batch * steps / (time.perf_counter() - t)

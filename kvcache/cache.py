@@ -70,6 +70,21 @@ def layer_types_and_windows(config) -> tuple[list[str], list[int | None]]:
     return layer_types, windows
 
 
+def cache_argument(model) -> str:
+    """The keyword a transformers model's ``forward`` (and ``generate``) takes its KV cache under: ``cache``
+    from transformers 5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    params = inspect.signature(forward).parameters if callable(forward) else {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """``{cache_argument(model): cache}``, to pass a cache to ``model(...)`` or ``model.generate(...)``."""
+    return {cache_argument(model): cache}
+
+
 def kv_geometry(config) -> tuple[int, int, int]:
     """``(num_layers, kv_heads, head_dim)`` of a decoder config."""
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

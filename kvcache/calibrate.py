@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import quant
-from .cache import QuantizedKVCache, kv_geometry, projected_layer_bytes
+from .cache import QuantizedKVCache, kv_geometry, projected_layer_bytes, with_cache
 from .layer import _axis_group
 
 
@@ -55,7 +55,7 @@ def record_kv(model, input_ids: torch.Tensor, stride: int = 4):
         L = input_ids.shape[1]
         pos = torch.arange(0, stride * L, stride, device=input_ids.device)[None]
         cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids, position_ids=pos, use_cache=True, **with_cache(model, cache))
     finally:
         for h in handles:
             h.remove()
@@ -123,9 +123,11 @@ def layer_sensitivity(
     when only that layer's past KV (the first part) is quantized at that width."""
     ctx, chunk = input_ids[:, :-eval_tokens], input_ids[:, -eval_tokens:]
     full = DynamicCache(config=model.config)
-    model(input_ids=ctx, past_key_values=full, use_cache=True)
+    model(input_ids=ctx, use_cache=True, **with_cache(model, full))
     past = [(layer.keys, layer.values) for layer in full.layers]
-    ref = F.log_softmax(model(input_ids=chunk, past_key_values=full, use_cache=True).logits[0].float(), -1)
+    ref = F.log_softmax(
+        model(input_ids=chunk, use_cache=True, **with_cache(model, full)).logits[0].float(), -1
+    )
     n = len(past)
     out = np.zeros((n, len(bits_choices)))
     for li in range(n):
@@ -137,7 +139,7 @@ def layer_sensitivity(
             for layer, (k, v) in zip(cache.layers, past):
                 layer.update(k, v)
             lp = F.log_softmax(
-                model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].float(), -1
+                model(input_ids=chunk, use_cache=True, **with_cache(model, cache)).logits[0].float(), -1
             )
             out[li, bi] = float((ref.exp() * (ref - lp)).sum(-1).mean())
     return out

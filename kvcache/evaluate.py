@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .cache import with_cache
+
 
 @dataclass
 class Reference:
@@ -31,7 +33,7 @@ def _decode(model, input_ids: torch.Tensor, cache, feed: torch.Tensor | None, n:
 
     Returns (tokens [n], logits [n, V]) where logits[i] predicted tokens[i].
     """
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids, use_cache=True, **with_cache(model, cache))
     logits = [out.logits[0, -1].float()]
     tokens = []
     for i in range(n):
@@ -39,7 +41,7 @@ def _decode(model, input_ids: torch.Tensor, cache, feed: torch.Tensor | None, n:
         tokens.append(tok)
         if i == n - 1:
             break
-        out = model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok.view(1, 1), use_cache=True, **with_cache(model, cache))
         logits.append(out.logits[0, -1].float())
     return torch.stack(tokens), torch.stack(logits)
 

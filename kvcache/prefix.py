@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from .cache import QuantizedKVCache
+from .cache import QuantizedKVCache, with_cache
 
 
 class PrefixKVCache:
@@ -31,7 +31,9 @@ class PrefixKVCache:
         self.prefix_ids = prefix_ids
         self.cache = QuantizedKVCache.from_model(model, **cache_kwargs)
         with torch.no_grad():
-            out = model(input_ids=prefix_ids.to(model.device), past_key_values=self.cache, use_cache=True)
+            out = model(
+                input_ids=prefix_ids.to(model.device), use_cache=True, **with_cache(model, self.cache)
+            )
         self.last_logits = out.logits[:, -1]
         self.uses = 0
 
@@ -60,7 +62,7 @@ class PrefixKVCache:
             return self.model(
                 input_ids=suffix_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                **with_cache(self.model, cache),
                 position_ids=positions,
                 use_cache=True,
                 **kwargs,

@@ -71,6 +71,7 @@ def enhance(
     ``(text, stats)`` with the cache's memory report when ``return_stats``.
     """
     from ..kvcache import QuantizedKVCache
+    from ..kvcache.cache import with_cache
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
@@ -85,7 +86,7 @@ def enhance(
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
+        **with_cache(model, cache),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
