@@ -93,9 +93,8 @@ class PromptPrefixCache:
         _, heads, head_dim = kv_geometry(encoder.config)
         empty = torch.empty(1, heads, 0, head_dim)
         probe.layers[0].lazy_initialization(empty, empty)
-        self._prefix = (
-            None  # built lazily where the encoder runs; rebuilt if its device, dtype or weights change
-        )
+        # Built lazily where the encoder runs; rebuilt if its device, dtype or weights change.
+        self._prefix = None
         self._stats = {"hits": 0, "misses": 0, "miss_reasons": {}, "tokens_skipped": 0, "builds": 0}
         self._had_forward = "forward" in encoder.__dict__
         self._saved_forward = encoder.__dict__.get("forward")
