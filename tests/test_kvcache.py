@@ -636,3 +636,32 @@ def test_packed_kv_modified_in_place_is_read_dense():
     dk, dv = keys.view.dense("check")
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, dk, dv))
     assert layer.attention_stats()["fused"] == 0
+
+
+@needs_triton
+def test_repeat_kv_then_sdpa_stays_fused_and_other_uses_replay_it():
+    # transformers' sdpa attention before 5.24 repeats the KV heads when there is a padding mask.
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    layer = QuantizedKVLayer(
+        bits=4, key_group=8, value_group=8, residual_length=4, num_sinks=2, attention="fused"
+    )
+    layer.update(torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16))
+    keys, values = layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    kr, vr = repeat_kv(keys, 3), repeat_kv(values, 3)
+    assert type(kr).__name__ == "PackedKV" and kr.shape == (2, 6, 41, 16) and kr.repeat == 3
+    q = torch.randn(2, 6, 1, 16)
+    mask = torch.ones(2, 1, 1, 41, dtype=torch.bool)
+    mask[1, ..., :9] = False
+    out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+    dk, dv = (x.repeat_interleave(3, dim=1) for x in keys.view.dense("reference"))
+    torch.testing.assert_close(
+        out, torch.nn.functional.scaled_dot_product_attention(q, dk, dv, attn_mask=mask)
+    )
+    assert layer.attention_stats()["fused"] == 1
+    torch.testing.assert_close(
+        kr.sum(), dk.sum()
+    )  # any other use replays the recorded steps on the dense keys
+    half = keys[:, :, None, :, :]
+    torch.testing.assert_close(half.expand(2, 2, 3, 41, 16) * 1.0, dk.reshape(2, 2, 3, 41, 16))
