@@ -33,7 +33,8 @@ def _decode(model, input_ids: torch.Tensor, cache, feed: torch.Tensor | None, n:
 
     Returns (tokens [n], logits [n, V]) where logits[i] predicted tokens[i].
     """
-    out = model(input_ids=input_ids, use_cache=True, **with_cache(model, cache))
+    cache_kw = with_cache(model, cache)  # once: it inspects the forward's signature
+    out = model(input_ids=input_ids, use_cache=True, **cache_kw)
     logits = [out.logits[0, -1].float()]
     tokens = []
     for i in range(n):
@@ -41,7 +42,7 @@ def _decode(model, input_ids: torch.Tensor, cache, feed: torch.Tensor | None, n:
         tokens.append(tok)
         if i == n - 1:
             break
-        out = model(input_ids=tok.view(1, 1), use_cache=True, **with_cache(model, cache))
+        out = model(input_ids=tok.view(1, 1), use_cache=True, **cache_kw)
         logits.append(out.logits[0, -1].float())
     return torch.stack(tokens), torch.stack(logits)
 
