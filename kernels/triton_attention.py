@@ -18,6 +18,7 @@ Blocks follow the mask geometry: ``nb0`` blocks of the first segment ``[0, split
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -82,8 +83,12 @@ def _attn_fwd(
     TMA_QK: tl.constexpr,  # Hopper: Q/K tiles through the tensor-memory accelerator (descriptors QD/KD)
     TMA_V: tl.constexpr,  # and V tiles (descriptor VD)
     DOT_F32: tl.constexpr,  # interpreter only: bf16 dots and fp8 rounding are wrong there (see _to_fp8)
+    ROWS: tl.constexpr,  # query rows per program: BLOCK_M, or a fraction of it (a mask block split over programs)
+    WARP_SPEC: tl.constexpr,  # ask Triton to warp-specialize the key loop (producer/consumer warps)
 ):  # fmt: skip
-    qb = tl.program_id(0)
+    Q_SPLIT: tl.constexpr = BLOCK_M // ROWS
+    qb = tl.program_id(0) // Q_SPLIT
+    q_part = tl.program_id(0) % Q_SPLIT
     bh = tl.program_id(1)
     b32 = bh // H
     h32 = bh % H
@@ -98,7 +103,8 @@ def _attn_fwd(
     LSE += (b * H + h) * S
     PERM += h * sph
     q_start, q_end = _block_range(qb, nb0, split, S, BLOCK_M)
-    rows = q_start + tl.arange(0, BLOCK_M)
+    q_start += q_part * ROWS
+    rows = q_start + tl.arange(0, ROWS)
     row_ok = rows < q_end
     dcol = tl.arange(0, HEAD_DIM)
 
@@ -108,21 +114,21 @@ def _attn_fwd(
         prow = rows
     qrow = prow if PERM_QK else rows
     if TMA_QK:
-        q = tl.reshape(QD.load([b32, h32, q_start, 0]), (BLOCK_M, HEAD_DIM))
+        q = tl.reshape(QD.load([b32, h32, q_start, 0]), (ROWS, HEAD_DIM))
     else:
         q = tl.load(Q + qrow[:, None] * sqs + dcol[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     if QUANT:
         q_scale = tl.load(QS + (b * H + h) * S + rows, mask=row_ok, other=0.0) * qk_scale
         KS += (b * H + h) * S
 
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i = tl.full([ROWS], -float("inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
 
     count = tl.load(CNT + b * scb + h * sch + qb * scq)
     idx_ptr = IDX + b * sib + h * sih + qb * siq
     SUB: tl.constexpr = BLOCK_M // BLOCK_N
-    for i in range(count):
+    for i in tl.range(count, warp_specialize=WARP_SPEC):
         kb = tl.load(idx_ptr + i)
         k_start, k_end = _block_range(kb, nb0, split, S, BLOCK_M)
         for sub in tl.static_range(SUB):
@@ -301,15 +307,30 @@ def _short_d64(head_dim: int, quant: bool, seq_len: int | None) -> bool:
     return head_dim == 64 and not quant and seq_len is not None and seq_len <= 8192
 
 
-def default_tiles(head_dim: int, quant: bool, block_m: int, seq_len: int | None = None):
-    """(BLOCK_N, num_warps, num_stages) for a launch; from the H100 sweep in bench/results/tune-*.json
-    (with TMA: bf16 (128, 8, 3) 0.85-0.88x cuDNN dense on Wan-1.3B, quantized (128, 8, 2)); short head_dim-64
-    sequences: see ``_short_d64``."""
+class Tiles(NamedTuple):
+    """Launch shape of one call. ``rows`` < the mask block splits each query block over programs."""
+
+    block_n: int
+    warps: int
+    stages: int
+    rows: int | None = None  # None: the whole mask block
+    warp_spec: bool = False
+
+
+def default_tiles(head_dim: int, quant: bool, block_m: int, seq_len: int | None = None) -> Tiles:
+    """Tiles for a launch, from the H200 sweep ``bench/results/tile-sweep*-nvidia_h200.json`` (TMA on):
+
+    - bf16: (128, 8 warps, 3 stages) over whole 128-row blocks: 0.87-0.90x cuDNN's dense rate per computed
+      block on Wan (4 warps / 64 rows: 0.70-0.79x; Triton 3.6's ``warp_specialize`` changed nothing).
+    - quantized: 4 warps over 64-row halves of a block, 3 stages: 1.02-1.07x cuDNN dense, up from 0.64-0.74x
+      with the bf16 shape (8-bit tiles leave room for two programs per SM).
+    - short head_dim-64 sequences: see ``_short_d64``.
+    """
     if interpreting():
-        return min(block_m, 32), 4, 1
+        return Tiles(min(block_m, 32), 4, 1)
     if _short_d64(head_dim, quant, seq_len):
-        return 32, 4, 2
-    return (128, 8, 2) if quant else (128, 8, 3)
+        return Tiles(32, 4, 2)
+    return Tiles(128, 4, 3, rows=64) if quant else Tiles(128, 8, 3)
 
 
 def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
@@ -364,7 +385,7 @@ def triton_attention(
     scale: float | None = None,
     quant: str = "none",
     perm: torch.Tensor | None = None,
-    tiles: tuple[int, int, int] | None = None,
+    tiles: Tiles | tuple | None = None,
     two_level: bool = False,
     use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,8 +394,11 @@ def triton_attention(
     spec = Qz.QuantSpec.parse(quant)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     bm = block_mask.block_size
-    block_n, warps, stages = tiles or default_tiles(d, spec.qk_bits > 0, bm, s)
-    block_n = min(block_n, bm)
+    t = Tiles(*tiles) if tiles else default_tiles(d, spec.qk_bits > 0, bm, s)
+    block_n = min(t.block_n, bm)
+    rows = min(t.rows or bm, bm)
+    if bm % rows or rows < 16:
+        raise ValueError(f"tiles.rows must divide the mask block size {bm} and be >= 16, got {rows}")
     if use_tma is None:
         use_tma = tma_available(q) and not (tiles is None and _short_d64(d, spec.qk_bits > 0, s))
     out = torch.empty_like(q)
@@ -400,11 +424,11 @@ def triton_attention(
         v_strides = vv.stride()
 
     cnt, idx = block_mask.kv_counts, block_mask.kv_indices
-    grid = (block_mask.num_blocks, b * h)
+    grid = (block_mask.num_blocks * (bm // rows), b * h)
     qd = kd = vd = None
     if use_tma:
         if not perm_qk:
-            qd, kd = _descriptor(qq, [1, 1, bm, d]), _descriptor(kk, [1, 1, block_n, d])
+            qd, kd = _descriptor(qq, [1, 1, rows, d]), _descriptor(kk, [1, 1, block_n, d])
         if spec.pv_fp8:
             # transposed FP8 V: the token offset is the innermost coordinate and must be 16-byte aligned
             if block_mask.layout.split % 16 == 0:
@@ -419,6 +443,6 @@ def triton_attention(
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
         PERM_QK=perm_qk, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
         TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
-        num_warps=warps, num_stages=stages,
+        ROWS=rows, WARP_SPEC=t.warp_spec, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
     return out, lse

@@ -68,7 +68,17 @@ def _clean(fields: dict, name: str) -> dict:
     unknown = (
         set(fields)
         - set(PLAN_FIELDS)
-        - {"window", "factor", "temporal_window", "top_p", "min_density", "max_density", "estimator", "reuse_steps"}
+        - {
+            "window",
+            "factor",
+            "temporal_window",
+            "top_p",
+            "min_density",
+            "max_density",
+            "estimator",
+            "reuse_steps",
+            "clamp_density",
+        }
     )
     if unknown:
         raise ValueError(f"preset {name!r} has unknown fields {sorted(unknown)}; known: {list(PLAN_FIELDS)}")

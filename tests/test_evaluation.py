@@ -189,9 +189,9 @@ def test_cli_end_to_end(pipe_dir, tmp_path, capsys):
         assert att["mean"] > 0 and att["max"] >= att["mean"] and att["sampled_calls"] > 0
         assert len(c["runs"]) == 2 and {r["seed"] for r in c["runs"]} == {0, 1}
     assert window["plan"][0]["window"] == [0, 1, 1] and window["plan"][0]["block_size"] == BS
-    # The preset keeps its own knobs (layer 0 dense) and takes the override (no dense steps).
-    assert preset["plan"][0]["dense_layers"] == [0] and preset["plan"][0]["dense_steps"] == 0
-    assert preset["planned_dense"] == {"dense_layers": 2 * 2 * 2}
+    # The preset keeps its own knobs (FP8 attention) and takes the override (no dense steps).
+    assert preset["plan"][0]["quant"] == "fp8" and preset["plan"][0]["dense_steps"] == 0
+    assert preset["planned_dense"] == {}
 
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

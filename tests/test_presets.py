@@ -51,3 +51,24 @@ def test_local_preset_file(tmp_path):
     assert plan.method.name == "radial" and plan.quant == "int8"
     with pytest.raises(ValueError, match="is for 'wan'"):
         make_plan("flux", str(path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_presets_serve_short_sequences_by_clamping_to_the_smallest_mask(family):
+    """A preset's density may be below what a short layout allows (dense text rows/columns alone exceed
+    it): the preset uses the smallest mask; the same density given explicitly is still an error."""
+    from fastattn.attention.methods import build_mask
+    from fastattn.masks import TokenLayout
+
+    layout = TokenLayout.video(1, 32, 32, text_len=512, text_first=True)  # 512x512 FLUX-like: 1,536 tokens
+    for level in LEVELS:
+        plan = make_plan(family, level)
+        mask = build_mask(plan.method, layout, 128)
+        floor = build_mask(make_plan(family, level, density=1e-3).method, layout, 128)
+        assert (
+            mask.block_density() >= plan.method.density - 0.02
+            or mask.block_density() == floor.block_density()
+        )
+    explicit = make_plan(family, method="window3d", density=0.05)
+    with pytest.raises(ValueError, match="impossible on this layout"):
+        build_mask(explicit.method, layout, 128)
