@@ -28,3 +28,20 @@ def test_e2e_tiny_times_schedules_and_extra_plans(tmp_path):
     assert dyn["selection_reuses"] > 0 and dyn["planned_dense"].get("residual capture (WA-RS)", 0) > 0
     with pytest.raises(SystemExit, match="needs a 'name'"):
         e2e.main(["--tiny", "--extra-plans", '[{"method": "dense"}]'])
+
+
+def test_tile_sweep_parses_variants_and_needs_a_gpu():
+    """The sweep's variant syntax maps onto the kernel's Tiles; without a GPU it stops with a clear message."""
+    import torch
+    from fastattn.bench import tile_sweep
+    from fastattn.kernels.triton_attention import Tiles
+
+    assert tile_sweep.parse_tiles("128,4,3,64,0;64,8,2,0,1") == [
+        (128, 4, 3, 64, False),
+        (64, 8, 2, None, True),
+    ]
+    assert Tiles(*tile_sweep.TILES[0]) == Tiles(128, 8, 3)
+    assert set(tile_sweep.MASKS) == set(tile_sweep.SHAPES)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            tile_sweep.main(["--shapes", "wan1.3b"])
