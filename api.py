@@ -52,6 +52,8 @@ def make_plan(
         fields["method"] = method
     if density is not None:
         fields["density"] = density
+        if "clamp_density" not in knobs:
+            fields.pop("clamp_density", None)  # a density the user asks for is checked, not clamped
     for k, v in knobs.items():
         if v is not None:
             fields[k] = v

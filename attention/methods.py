@@ -15,6 +15,7 @@ structural handler: its blocks are chosen per call from pooled Q/K scores (see `
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,7 +32,9 @@ class MethodConfig:
     dynamic: ClassVar[bool] = False
 
 
-def _check_density(density: float | None, name: str) -> None:
+def _check_density(density: float | None, name: str, clamp: bool = False) -> None:
+    if not isinstance(clamp, bool):
+        raise TypeError(f"{name}: clamp_density must be True or False, got {clamp!r}")
     if density is None:
         return
     if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
@@ -68,7 +71,7 @@ class Window3DConfig(MethodConfig):
     clamp_density: bool = False
 
     def __post_init__(self):
-        _check_density(self.density, self.name)
+        _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("window3d: give exactly one of window=(wf, wh, ww) or density=")
         if self.order.upper() not in AXIS_ORDERS:
@@ -92,7 +95,7 @@ class RadialConfig(MethodConfig):
     clamp_density: bool = False
 
     def __post_init__(self):
-        _check_density(self.density, self.name)
+        _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("radial: give exactly one of window=(wh, ww) or density=")
 
@@ -107,7 +110,7 @@ class BandConfig(MethodConfig):
     clamp_density: bool = False
 
     def __post_init__(self):
-        _check_density(self.density, self.name)
+        _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("band: give exactly one of window= (tokens) or density=")
 
@@ -125,7 +128,7 @@ class ArrowConfig(MethodConfig):
     clamp_density: bool = False
 
     def __post_init__(self):
-        _check_density(self.density, self.name)
+        _check_density(self.density, self.name, self.clamp_density)
         if (self.factor is None) == (self.density is None):
             raise ValueError("arrow: give exactly one of factor= or density=")
 
@@ -234,13 +237,26 @@ def method_from_name(method: str, density: float | None = None, **params) -> Met
 # -------------------------------------------------------------------------------- density search
 
 
+_clamp_warned: set = set()
+
+
 def _search(config: MethodConfig, layout: TokenLayout, block_size: int, build: Callable[[float], BlockMask]):
     """Smallest ``s`` in [0, 1] whose mask reaches ``config.density`` (masks grow with ``s``)."""
     target = float(config.density)
     lo_mask = build(0.0)
     floor = lo_mask.block_density()
     if floor >= target - 1e-9:
-        if floor > target + 0.02 and not getattr(config, "clamp_density", False):
+        if floor > target + 0.02 and getattr(config, "clamp_density", False):
+            key = (config.name, target, layout.seq_len, layout.text_len, layout.grid, block_size)
+            if key not in _clamp_warned:
+                _clamp_warned.add(key)
+                warnings.warn(
+                    f"fastattn: {config.name} density {target:g} is below the smallest mask on this layout "
+                    f"(seq_len {layout.seq_len}, text {layout.text_len}, grid {layout.grid}); using that mask, "
+                    f"density {floor:.3f} (clamp_density=True, as presets set it)",
+                    stacklevel=2,
+                )
+        elif floor > target + 0.02:
             raise ValueError(
                 f"{config.name}: density {target:g} is impossible on this layout (seq_len "
                 f"{layout.seq_len}, text {layout.text_len}, grid {layout.grid}, block_size {block_size}): "

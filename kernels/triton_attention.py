@@ -126,6 +126,7 @@ def _attn_fwd(
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
 
     count = tl.load(CNT + b * scb + h * sch + qb * scq)
+    count = tl.where(q_start < q_end, count, 0)  # a split part past a short block's end: nothing to do
     idx_ptr = IDX + b * sib + h * sih + qb * siq
     SUB: tl.constexpr = BLOCK_M // BLOCK_N
     for i in tl.range(count, warp_specialize=WARP_SPEC):
@@ -317,20 +318,26 @@ class Tiles(NamedTuple):
     warp_spec: bool = False
 
 
-def default_tiles(head_dim: int, quant: bool, block_m: int, seq_len: int | None = None) -> Tiles:
+def default_tiles(
+    head_dim: int, quant: bool, block_m: int, seq_len: int | None = None, tma: bool = True
+) -> Tiles:
     """Tiles for a launch, from the H200 sweep ``bench/results/tile-sweep*-nvidia_h200.json`` (TMA on):
 
-    - bf16: (128, 8 warps, 3 stages) over whole 128-row blocks: 0.87-0.90x cuDNN's dense rate per computed
-      block on Wan (4 warps / 64 rows: 0.70-0.79x; Triton 3.6's ``warp_specialize`` changed nothing).
-    - quantized: 4 warps over 64-row halves of a block, 3 stages: 1.02-1.07x cuDNN dense, up from 0.64-0.74x
-      with the bf16 shape (8-bit tiles leave room for two programs per SM).
+    - bf16: (128, 8 warps, 3 stages) over whole 128-row blocks: 0.86-0.90x cuDNN's dense rate per computed
+      block on Wan (4 warps over 64-row halves: 0.51-0.80x).
+    - quantized, with TMA: 4 warps over 64-row halves of a block, 3 stages. Dense Wan-1.3B: fp8 1.07x and
+      int8-fp8 1.02x cuDNN, against 0.57x / 0.55x with the bf16 shape and 0.66x / 0.64x with (128, 8, 2);
+      dense FLUX 2048^2: 0.99x / 0.88x. Without TMA that shape measured 0.30x, so pointer loads keep the
+      earlier (128, 8, 2).
     - short head_dim-64 sequences: see ``_short_d64``.
     """
     if interpreting():
         return Tiles(min(block_m, 32), 4, 1)
     if _short_d64(head_dim, quant, seq_len):
         return Tiles(32, 4, 2)
-    return Tiles(128, 4, 3, rows=64) if quant else Tiles(128, 8, 3)
+    if quant:
+        return Tiles(128, 4, 3, rows=64) if tma else Tiles(128, 8, 2)
+    return Tiles(128, 8, 3)
 
 
 def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
@@ -394,13 +401,13 @@ def triton_attention(
     spec = Qz.QuantSpec.parse(quant)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     bm = block_mask.block_size
-    t = Tiles(*tiles) if tiles else default_tiles(d, spec.qk_bits > 0, bm, s)
-    block_n = min(t.block_n, bm)
-    rows = min(t.rows or bm, bm)
-    if bm % rows or rows < 16:
-        raise ValueError(f"tiles.rows must divide the mask block size {bm} and be >= 16, got {rows}")
     if use_tma is None:
         use_tma = tma_available(q) and not (tiles is None and _short_d64(d, spec.qk_bits > 0, s))
+    t = Tiles(*tiles) if tiles else default_tiles(d, spec.qk_bits > 0, bm, s, use_tma)
+    block_n = min(t.block_n, bm)
+    rows = min(t.rows or bm, bm)
+    if bm % rows or (rows < bm and rows < 16):
+        raise ValueError(f"tiles.rows must divide the mask block size {bm} and be >= 16, got {rows}")
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     dummy = torch.zeros(1, dtype=torch.float32, device=q.device)

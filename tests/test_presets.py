@@ -64,11 +64,37 @@ def test_presets_serve_short_sequences_by_clamping_to_the_smallest_mask(family):
     for level in LEVELS:
         plan = make_plan(family, level)
         mask = build_mask(plan.method, layout, 128)
-        floor = build_mask(make_plan(family, level, density=1e-3).method, layout, 128)
+        floor = build_mask(make_plan(family, level, density=1e-3, clamp_density=True).method, layout, 128)
         assert (
             mask.block_density() >= plan.method.density - 0.02
             or mask.block_density() == floor.block_density()
         )
-    explicit = make_plan(family, method="window3d", density=0.05)
-    with pytest.raises(ValueError, match="impossible on this layout"):
-        build_mask(explicit.method, layout, 128)
+    # A density the user asks for is checked, also on top of a preset.
+    for explicit in (
+        make_plan(family, method="window3d", density=0.05),
+        make_plan(family, "fast", density=0.05),
+    ):
+        with pytest.raises(ValueError, match="impossible on this layout"):
+            build_mask(explicit.method, layout, 128)
+
+
+def test_clamping_warns_once_with_the_density_reached():
+    from fastattn.attention.methods import build_mask
+    from fastattn.masks import TokenLayout
+
+    layout = TokenLayout.video(1, 24, 24, text_len=512, text_first=True)
+    plan = make_plan("flux", "fast")
+    with pytest.warns(
+        UserWarning, match=r"density 0.15 is below the smallest mask .* using that mask, density 0\."
+    ):
+        build_mask(plan.method, layout, 128)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_mask(plan.method, layout, 128)  # once per layout
+
+
+def test_clamp_density_must_be_a_bool():
+    with pytest.raises(TypeError, match="clamp_density must be True or False"):
+        make_plan("wan", method="window3d", density=0.3, clamp_density="yes")
