@@ -214,7 +214,12 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if quant.endswith("fp8") and not pv_fp8_supported(q.device):
         # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
-        quant = "int8" if quant == "fp8" else quant[: -len("-fp8")]
+        served = "int8" if quant == "fp8" else quant[: -len("-fp8")]
+        note = f"quant {quant!r} served as {served!r} on {q.device} (no FP8 tensor cores)"
+        if note not in _warned:
+            _warned.add(note)
+            warnings.warn(f"fastattn: {note}", stacklevel=2)
+        quant = served
     mask = block_mask if block_mask is not None else _dense_mask(s, 128)
 
     if backend == "reference":

@@ -279,3 +279,17 @@ def test_reference_block_loop_equals_masked_product(monkeypatch, quant):
         ref = masked_sdpa(q, k, v, mask)
         rows = lse_short.isfinite()
         torch.testing.assert_close(short[rows], ref[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_without_fp8_tensor_cores_is_served_as_int8_and_says_so(monkeypatch):
+    from fastattn.kernels import ops
+
+    layout = TokenLayout.video(2, 3, 4, text_len=4)
+    q, k, v = inputs(layout)
+    mask = patterns.dense(layout, BS)
+    monkeypatch.setattr(ops, "pv_fp8_supported", lambda device: False)
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(UserWarning, match="quant 'fp8' served as 'int8'"):
+        out = sparse_attention(q, k, v, mask, quant="fp8", backend="reference")
+    ref = sparse_attention(q, k, v, mask, quant="int8", backend="reference")
+    torch.testing.assert_close(out, ref)
