@@ -60,8 +60,8 @@ class Window3DConfig(MethodConfig):
         order: raster order of the image tokens (always ``"FHW"`` for diffusers models).
         clamp_density: when ``density`` is below the smallest mask this layout allows (short sequences,
             where the dense text rows and columns alone exceed it), use that smallest mask instead of
-            raising. Presets set it so one preset serves every resolution; ``stats()`` reports the density
-            reached. The same switch exists on ``radial``, ``band`` and ``arrow``.
+            raising, with a one-time warning naming the density reached. Presets set it so one preset
+            serves every resolution. The same switch exists on ``radial``, ``band`` and ``arrow``.
     """
 
     name: ClassVar[str] = "window3d"
@@ -246,7 +246,14 @@ def _search(config: MethodConfig, layout: TokenLayout, block_size: int, build: C
     lo_mask = build(0.0)
     floor = lo_mask.block_density()
     if floor >= target - 1e-9:
-        if floor > target + 0.02 and getattr(config, "clamp_density", False):
+        if floor > target + 0.02:
+            if not getattr(config, "clamp_density", False):
+                raise ValueError(
+                    f"{config.name}: density {target:g} is impossible on this layout (seq_len "
+                    f"{layout.seq_len}, text {layout.text_len}, grid {layout.grid}, block_size {block_size}): "
+                    f"the smallest {config.name} mask already computes {floor:.3f} of the blocks. "
+                    f"Valid densities here: [{floor:.3f}, 1.0]"
+                )
             key = (config.name, target, layout.seq_len, layout.text_len, layout.grid, block_size)
             if key not in _clamp_warned:
                 _clamp_warned.add(key)
@@ -256,13 +263,6 @@ def _search(config: MethodConfig, layout: TokenLayout, block_size: int, build: C
                     f"density {floor:.3f} (clamp_density=True, as presets set it)",
                     stacklevel=2,
                 )
-        elif floor > target + 0.02:
-            raise ValueError(
-                f"{config.name}: density {target:g} is impossible on this layout (seq_len "
-                f"{layout.seq_len}, text {layout.text_len}, grid {layout.grid}, block_size {block_size}): "
-                f"the smallest {config.name} mask already computes {floor:.3f} of the blocks. "
-                f"Valid densities here: [{floor:.3f}, 1.0]"
-            )
         return lo_mask
     lo, hi, best = 0.0, 1.0, None
     for _ in range(12):

@@ -48,13 +48,15 @@ def reset_fallback_counts() -> None:
     _fallbacks.clear()
 
 
+def _warn_once(key: str, message: str, stacklevel: int) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def _record_fallback(reason: str) -> None:
     _fallbacks[reason] += 1
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"fastattn: dense attention fallback ({reason}); counted in fallback_counts()", stacklevel=3
-        )
+    _warn_once(reason, f"fastattn: dense attention fallback ({reason}); counted in fallback_counts()", 3)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -216,9 +218,7 @@ def sparse_attention(
         # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
         served = "int8" if quant == "fp8" else quant[: -len("-fp8")]
         note = f"quant {quant!r} served as {served!r} on {q.device} (no FP8 tensor cores)"
-        if note not in _warned:
-            _warned.add(note)
-            warnings.warn(f"fastattn: {note}", stacklevel=2)
+        _warn_once(note, f"fastattn: {note}", 2)
         quant = served
     mask = block_mask if block_mask is not None else _dense_mask(s, 128)
 
