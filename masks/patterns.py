@@ -67,23 +67,49 @@ def image_segments(geom: BlockGeometry, order: str = "FHW"):
     return torch.cat(blocks), torch.cat(los), torch.cat(his)
 
 
-def _pair_blocks(
-    geom: BlockGeometry,
-    segs,
-    allowed: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Block map of image blocks: ``allowed(gap)`` takes per-axis gaps ``[mq, M, 3]``."""
-    blk, lo, hi = segs
-    n = geom.num_blocks
-    onehot = torch.zeros(len(blk), n)
-    onehot[torch.arange(len(blk)), blk] = 1.0
-    out = torch.zeros(n, n)
-    for s in range(0, len(blk), _CHUNK):
-        qlo, qhi = lo[s : s + _CHUNK, None], hi[s : s + _CHUNK, None]
-        gap = torch.clamp(torch.maximum(lo[None] - qhi, qlo - hi[None]), min=0)
-        ok = allowed(gap).float()  # [mq, M]
-        out += onehot[s : s + _CHUNK].T @ (ok @ onehot)
-    return out > 0
+class SegmentPairs:
+    """Per-axis gaps between the row segments of every pair of image blocks of one layout.
+
+    A block has at most ``k`` segments; they are padded to ``[num_blocks, k]`` so that a block pair is
+    allowed when *any* of its ``k x k`` segment pairs is (an ``any`` over two axes, no scatter). Padding
+    slots sit far outside the grid, so no pattern allows them. The gaps are computed once and cached
+    when they fit in ``CACHE_ELEMENTS``: a density search builds dozens of masks of one layout.
+    """
+
+    CACHE_ELEMENTS = 48_000_000  # int16 gaps: ~100 MB
+    _FAR = 30_000  # padding coordinate; int16 holds the gaps after clamping
+
+    def __init__(self, geom: BlockGeometry, order: str = "FHW"):
+        blk, lo, hi = image_segments(geom, order)
+        n = geom.num_blocks
+        counts = torch.bincount(blk, minlength=n)
+        self.k = max(int(counts.max()) if len(blk) else 1, 1)
+        slot = torch.arange(len(blk)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        self.lo = torch.full((n, self.k, 3), self._FAR, dtype=torch.int32)
+        self.hi = torch.full((n, self.k, 3), -self._FAR, dtype=torch.int32)
+        self.lo[blk, slot] = lo.int()
+        self.hi[blk, slot] = hi.int()
+        self.n = n
+        self._chunk = max(1, self.CACHE_ELEMENTS // max(1, 3 * self.k * self.k * n))
+        self._gaps = self._all_gaps() if 3 * (n * self.k) ** 2 <= self.CACHE_ELEMENTS else None
+
+    def _gaps_of(self, rows: slice) -> torch.Tensor:
+        qlo, qhi = self.lo[rows, :, None, None], self.hi[rows, :, None, None]  # [c, k, 1, 1, 3]
+        klo, khi = self.lo[None, None], self.hi[None, None]  # [1, 1, n, k, 3]
+        gap = torch.clamp(torch.maximum(klo - qhi, qlo - khi), min=0, max=2 * self._FAR)
+        return gap.clamp_(max=32_767).to(torch.int16)  # [c, k, n, k, 3]
+
+    def _all_gaps(self) -> torch.Tensor:
+        return torch.cat([self._gaps_of(slice(s, s + self._chunk)) for s in range(0, self.n, self._chunk)])
+
+    def block_map(self, allowed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``[n, n]`` bool: ``allowed(gap)`` takes per-axis gaps ``[..., 3]`` (int16) and returns bools."""
+        out = torch.zeros(self.n, self.n, dtype=torch.bool)
+        for s in range(0, self.n, self._chunk):
+            rows = slice(s, s + self._chunk)
+            gap = self._gaps[rows] if self._gaps is not None else self._gaps_of(rows)
+            out[rows] = allowed(gap).any(3).any(1)
+        return out
 
 
 def _interval_pairs(geom: BlockGeometry, allowed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -188,12 +214,68 @@ def window3d(
     ``order`` is the raster order the image tokens are stored in (a PARO reordering); the window is
     always in grid coordinates, so the same window under another order gives other blocks.
     """
-    if len(window) != 3 or any(x < 0 for x in window):
-        raise ValueError(f"window must be three non-negative ints (wf, wh, ww), got {window}")
+    return window3d_builder(layout, block_size, order, text)(window)
+
+
+def window3d_builder(
+    layout: TokenLayout, block_size: int = 128, order: str = "FHW", text: str = "dense"
+) -> Callable[[tuple[int, int, int]], BlockMask]:
+    """``window -> window3d mask`` on one layout, sharing the segment gaps across calls (density search)."""
     geom = BlockGeometry(layout, block_size)
-    lim = torch.tensor(window)
-    img = _pair_blocks(geom, image_segments(geom, order), lambda gap: (gap <= lim).all(-1))
-    return _finish(img, geom, text)
+    pairs = SegmentPairs(geom, order)
+
+    def build(window: tuple[int, int, int]) -> BlockMask:
+        if len(window) != 3 or any(x < 0 for x in window):
+            raise ValueError(f"window must be three non-negative ints (wf, wh, ww), got {window}")
+        lim = torch.tensor(window, dtype=torch.int16)
+        return _finish(pairs.block_map(lambda gap: (gap <= lim).all(-1)), geom, text)
+
+    return build
+
+
+def window3d_density_table(
+    layout: TokenLayout, spatial: Sequence[tuple[int, int]], block_size: int = 128, order: str = "FHW"
+) -> torch.Tensor:
+    """Block density of ``window3d(layout, (wf, *spatial[j]))`` for every ``wf`` in ``[0, F)`` and every
+    ``j``: ``[F, len(spatial)]`` (text dense). ``spatial`` must grow in both half-widths.
+
+    One pass over the segment gaps per ``wf`` instead of one mask per window, so a density search can
+    look at every window shape: each segment pair needs ``gap_f <= wf`` and a spatial index at least
+    ``max(first j covering gap_h, first j covering gap_w)``.
+    """
+    f = _need_grid(layout)[0]
+    geom = BlockGeometry(layout, block_size)
+    pairs = SegmentPairs(geom, order)
+    sp = torch.tensor(list(spatial), dtype=torch.long).reshape(-1, 2)
+    n_j = len(sp)
+    if n_j == 0 or (sp[1:] < sp[:-1]).any():
+        raise ValueError("spatial must be a non-empty list of (wh, ww) growing in both")
+    big = int(sp.max()) + 1  # gaps past every half-width: never covered (index n_j)
+    need_h = torch.searchsorted(sp[:, 0].contiguous(), torch.arange(big + 1))
+    need_w = torch.searchsorted(sp[:, 1].contiguous(), torch.arange(big + 1))
+    image = ~geom.is_text()
+    both_image = image[:, None] & image[None, :]
+    n, m = geom.num_blocks, int(image.sum())
+    counts = torch.zeros(f * (n_j + 1), dtype=torch.long)
+    offsets = torch.arange(f) * (n_j + 1)
+    for s in range(0, pairs.n, pairs._chunk):
+        rows = slice(s, s + pairs._chunk)
+        gap = (pairs._gaps[rows] if pairs._gaps is not None else pairs._gaps_of(rows)).long()
+        gap = gap.clamp_(max=big)
+        c = gap.shape[0]
+        need_j = torch.maximum(need_h[gap[..., 1]], need_w[gap[..., 2]])  # [c, k, n, k]
+        gap_f = gap[..., 0].clamp_(max=f)  # f: no temporal half-width covers it
+        # per block pair and temporal gap, the smallest spatial index any segment pair needs
+        pair = (torch.arange(c)[:, None, None, None] * n + torch.arange(n)[None, None, :, None]).expand_as(
+            gap_f
+        )
+        first_j = torch.full((c * n * (f + 1),), n_j, dtype=torch.long)
+        first_j.scatter_reduce_(0, (pair * (f + 1) + gap_f).flatten(), need_j.flatten(), "amin")
+        # a temporal half-width wf admits every temporal gap <= wf
+        first_j = first_j.view(c * n, f + 1)[:, :f].cummin(1).values[both_image[rows].flatten()]  # [P, f]
+        counts += torch.bincount((first_j + offsets).flatten(), minlength=f * (n_j + 1))
+    counts = counts.view(f, n_j + 1)[:, :n_j].cumsum(1)
+    return (n * n - m * m + counts).double() / (n * n)
 
 
 def radial(
@@ -215,11 +297,11 @@ def radial(
     tw = f_max if temporal_window is None else temporal_window
 
     def allowed(gap):
-        df = gap[..., 0]
+        df = gap[..., 0].long()
         shift = torch.floor(torch.log2(1.0 + df.float())).long()
         return (df <= tw) & (gap[..., 1] <= (wh >> shift)) & (gap[..., 2] <= (ww >> shift))
 
-    img = _pair_blocks(geom, image_segments(geom, order), allowed)
+    img = SegmentPairs(geom, order).block_map(allowed)
     return _finish(img, geom, text)
 
 

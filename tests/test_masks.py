@@ -60,6 +60,32 @@ def test_window3d_matches_token_definition(layout, order):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("order", ["FHW", "HWF"])
+def test_window3d_density_table_equals_the_built_masks(layout, order):
+    f, h, w = layout.grid
+    n = max(h, w)
+    spatial = [(round(j * (h - 1) / (n - 1)), round(j * (w - 1) / (n - 1))) for j in range(n)]
+    table = patterns.window3d_density_table(layout, spatial, block_size=8, order=order)
+    assert table.shape == (f, n)
+    for wf, j in itertools.product(range(f), range(n)):
+        built = patterns.window3d(layout, (wf, *spatial[j]), block_size=8, order=order)
+        assert table[wf, j].item() == pytest.approx(built.block_density(), abs=1e-6), (wf, j)  # float32 there
+
+
+def test_segment_gaps_computed_in_chunks_give_the_same_masks(monkeypatch):
+    layout = TokenLayout.video(4, 6, 9, text_len=11)
+    cached = patterns.window3d(layout, (1, 2, 3), block_size=8)
+    radial = patterns.radial(layout, (4, 4), block_size=8)
+    monkeypatch.setattr(patterns.SegmentPairs, "CACHE_ELEMENTS", 200)  # forces uncached, multi-chunk gaps
+    assert patterns.SegmentPairs(BlockGeometry(layout, 8))._gaps is None
+    assert torch.equal(patterns.window3d(layout, (1, 2, 3), block_size=8).kv_indices, cached.kv_indices)
+    assert torch.equal(patterns.radial(layout, (4, 4), block_size=8).kv_indices, radial.kv_indices)
+    spatial = [(j, j) for j in range(9)]
+    table = patterns.window3d_density_table(layout, spatial, block_size=8)
+    assert table[1, 2].item() == pytest.approx(patterns.window3d(layout, (1, 2, 2), 8).block_density())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_radial_matches_token_definition(layout):
     mask = patterns.radial(layout, (4, 4), temporal_window=2, block_size=8)
     coords, is_text = token_coords(layout)

@@ -304,3 +304,35 @@ def test_dynamic_selection_reused_for_reuse_steps_per_layer_and_cfg_pass():
     assert rt.selections == {}
     with pytest.raises(ValueError, match="reuse_steps must be a positive int"):
         DynamicConfig(reuse_steps=0)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.35, 0.6])
+def test_window3d_density_search_picks_the_least_dense_balanced_window(target):
+    """Against brute force over window builds: the search's window reaches the target, keeps F's and the
+    spatial share within a factor 2 (+ one frame), and no such window reaching the target is less dense."""
+    import itertools
+
+    from fastattn.attention.methods import _spatial_windows, _window_for_density, build_mask
+    from fastattn.masks import patterns
+
+    layout = TokenLayout.video(7, 6, 10, text_len=5)
+    f, h, w = layout.grid
+    wf, wh, ww = _window_for_density(layout, target, 8, "FHW")
+    got = build_mask(Window3DConfig(density=target), layout, 8).block_density()
+    assert got == pytest.approx(patterns.window3d(layout, (wf, wh, ww), 8).block_density())
+    assert got >= target
+    best = 1.0
+    for f_, (spatial, share) in itertools.product(range(f), zip(*_spatial_windows(h, w))):
+        frac_f = f_ / (f - 1)
+        if frac_f > 2 * share + 1 / (f - 1) or share > 2 * frac_f + 1 / (f - 1):
+            continue
+        d = patterns.window3d(layout, (f_, *spatial), 8).block_density()
+        if d >= target:
+            best = min(best, d)
+    assert got == pytest.approx(best)
+    # the one-scale search it replaces: never better
+    one_scale = [
+        patterns.window3d(layout, (round(s * (f - 1)), round(s * (h - 1)), round(s * (w - 1))), 8)
+        for s in torch.linspace(0, 1, 101).tolist()
+    ]
+    assert got <= min(m.block_density() for m in one_scale if m.block_density() >= target) + 1e-6
