@@ -1,11 +1,16 @@
 """Quantization of Q, K (INT8/INT4) and V (FP8) for quantized attention.
 
 Q·Kᵀ in integers (or, in ``"fp8"`` mode, FP8 e4m3, which Hopper's tensor cores run at twice the
-bf16 rate while Triton's INT8 products do not): Q and K are quantized symmetrically with scales per block of ``QUANT_BLOCK``
-consecutive tokens (INT8) or per token (INT4), after subtracting K's mean over tokens: softmax is
-invariant to adding ``q·mean(k)`` to a whole row, and removing that shared offset shrinks K's range
-(SageAttention's smoothing). Scales are stored per token ``[B, H, S]`` even when shared by a block, so
-the kernel has one code path for both granularities.
+bf16 rate while Triton's INT8 products do not), symmetric:
+
+- Q per token, inside the attention kernel itself: each program loads its Q tile once, so quantizing
+  there costs nothing, where a separate pass would read Q and write its codes once more.
+- K with scales per block of ``QUANT_BLOCK`` consecutive tokens (INT8, FP8) or per token (INT4), after
+  subtracting a smoothing vector: softmax is invariant to adding ``q·m`` to a whole row for *any* ``m``
+  (the kernel adds it back to the log-sum-exp), and subtracting K's mean over tokens shrinks K's range
+  (SageAttention's smoothing). :func:`k_smoothing_mean` estimates that mean from a strided sample of
+  at most ``SMOOTH_SAMPLES`` tokens, so long sequences are not read once more for it. Scales are
+  stored per token ``[B, H, S]`` even when shared by a block, so the kernel has one code path.
 
 P·V in FP8 (e4m3): V gets one scale per channel; P (in [0, 1] after the running-max shift) is scaled
 by ``P_FP8_SCALE`` so small probabilities stay out of e4m3's subnormals. FP8 V is stored transposed,
@@ -22,6 +27,7 @@ QUANT_BLOCK = 64
 P_FP8_SCALE = 256.0  # a power of two: exact to apply and undo
 FP8_MAX = 448.0
 MODES = ("none", "int8", "int8-fp8", "int4", "int4-fp8", "fp8")
+SMOOTH_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -54,19 +60,35 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def quantize_qk_reference(x: torch.Tensor, spec: QuantSpec, block: int = QUANT_BLOCK, smooth: bool = False):
-    """``x [B, H, S, D]`` -> (int8 (or fp8) codes ``[B, H, S, D]``, fp32 scales ``[B, H, S]``)."""
+def k_smoothing_mean(k: torch.Tensor) -> torch.Tensor:
+    """``[B, H, D]`` fp32: K's mean over tokens from every ``S // SMOOTH_SAMPLES``-th token (all tokens
+    for sequences up to ``2 * SMOOTH_SAMPLES``). Exactness does not depend on it, only the code range."""
+    stride = max(1, k.shape[2] // SMOOTH_SAMPLES)
+    return k[:, :, ::stride].mean(dim=2, dtype=torch.float32)
+
+
+def quantize_qk_reference(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    block: int = QUANT_BLOCK,
+    mean: torch.Tensor | None = None,
+    per_token: bool | None = None,
+):
+    """``x [B, H, S, D]`` -> (int8 (or fp8) codes ``[B, H, S, D]``, fp32 scales ``[B, H, S]``).
+
+    ``mean [B, H, D]``: subtracted first (K smoothing). ``per_token``: one scale per token (Q always;
+    K per ``spec``)."""
     xf = x.float()
-    if smooth:
-        xf = xf - xf.mean(dim=2, keepdim=True)
+    if mean is not None:
+        xf = xf - mean[:, :, None, :]
     b, h, s, d = xf.shape
-    if spec.per_token:
+    if spec.per_token if per_token is None else per_token:
         amax = xf.abs().amax(-1)
     else:
-        nb = -(-s // QUANT_BLOCK)
-        pad = torch.nn.functional.pad(xf.abs(), (0, 0, 0, nb * QUANT_BLOCK - s))
-        amax = pad.reshape(b, h, nb, QUANT_BLOCK * d).amax(-1)
-        amax = amax.repeat_interleave(QUANT_BLOCK, dim=2)[:, :, :s]
+        nb = -(-s // block)
+        pad = torch.nn.functional.pad(xf.abs(), (0, 0, 0, nb * block - s))
+        amax = pad.reshape(b, h, nb, block * d).amax(-1)
+        amax = amax.repeat_interleave(block, dim=2)[:, :, :s]
     scale = torch.clamp(amax, min=1e-12) / spec.qmax
     if spec.qk_fp8:
         return (xf / scale[..., None]).to(torch.float8_e4m3fn), scale

@@ -33,17 +33,17 @@ def attention_reference(
     """
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # K smoothing shifts every score of a row equally; the kernel takes the vector from K's token order
+    kmean = Qz.k_smoothing_mean(k) if quant != "none" else None
     if perm is not None:
         q, k, v = (gather_tokens(x, perm) for x in (q, k, v))
     qf, kf, vf = q.float(), k.float(), v.float()
     pv_fp8 = False
     if quant != "none":
         spec = Qz.QuantSpec.parse(quant)
-        bs = block_mask.block_size if block_mask is not None else 128
-        qi, qs = Qz.quantize_qk_reference(q, spec, bs, smooth=False)
-        ki, ks = Qz.quantize_qk_reference(k, spec, bs, smooth=True)
+        qi, qs = Qz.quantize_qk_reference(q, spec, per_token=True)
+        ki, ks = Qz.quantize_qk_reference(k, spec, mean=kmean)
         qf, kf = qi.float() * qs[..., None], ki.float() * ks[..., None]
-        kmean = k.float().mean(dim=2)  # [B, H, D]: K smoothing shifts every score of a row equally
         pv_fp8 = spec.pv_fp8
         if pv_fp8:
             v8, vscale = Qz.quantize_v_fp8_reference(v)
@@ -56,7 +56,7 @@ def attention_reference(
     if pv_fp8:
         out = out * vscale[:, :, None, :]
     if quant != "none":
-        lse = lse + torch.einsum("bhsd,bhd->bhs", qf, kmean) * scale
+        lse = lse + torch.einsum("bhsd,bhd->bhs", q.float(), kmean) * scale  # unrounded q, as the kernel
     if perm is not None:
         out = scatter_tokens(out, perm)
         lse = scatter_tokens(lse[..., None], perm)[..., 0]

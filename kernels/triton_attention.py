@@ -5,10 +5,11 @@ tutorial: ``_attn_fwd`` tiles queries into ``BLOCK_M`` rows (one mask block) and
 its block list names, in ``BLOCK_N`` sub-tiles, with an online softmax in base 2.
 
 Switches:
-- ``QUANT``: Q and K arrive as INT8 codes (INT4 values live in INT8) with per-token fp32 scales; the
-  score tile is an integer product rescaled by ``q_scale ⊗ k_scale``.
+- ``QUANT``: K arrives as INT8 codes (INT4 values live in INT8; FP8 with ``QK_FP8``) with per-token fp32
+  scales; Q arrives in 16 bits and each program quantizes its tile per token on load. The score tile is
+  an integer (or FP8) product rescaled by ``q_scale ⊗ k_scale``.
 - ``PV_FP8``: V arrives as FP8 e4m3, transposed ``[B, H, D, S_pad]``; P is scaled and rounded to FP8.
-- ``PERM_QK`` / ``PERM_V`` / ``PERM_OUT``: token rows are gathered through ``perm`` on load and the output
+- ``PERM_Q`` / ``PERM_K`` / ``PERM_V`` / ``PERM_OUT``: token rows are gathered through ``perm`` on load and the output
   scattered back on store, so reordered attention needs no extra pass over Q/K/V/O.
 
 Blocks follow the mask geometry: ``nb0`` blocks of the first segment ``[0, split)``, then blocks of
@@ -60,7 +61,7 @@ def _to_fp8(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, QS, KS, VS, KMEAN, CNT, IDX, PERM, QD, KD, VD,
+    Q, K, V, O, LSE, KS, VS, KMEAN, CNT, IDX, PERM, QD, KD, VD,
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -75,10 +76,12 @@ def _attn_fwd(
     QUANT: tl.constexpr,
     QK_FP8: tl.constexpr,
     PV_FP8: tl.constexpr,
-    PERM_QK: tl.constexpr,
+    PERM_Q: tl.constexpr,
+    PERM_K: tl.constexpr,
     PERM_V: tl.constexpr,
     PERM_OUT: tl.constexpr,
     P_SCALE: tl.constexpr,
+    QMAX: tl.constexpr,  # Q's code range in quantized modes (127, 7 or FP8's 448)
     TWO_LEVEL: tl.constexpr,
     TMA_QK: tl.constexpr,  # Hopper: Q/K tiles through the tensor-memory accelerator (descriptors QD/KD)
     TMA_V: tl.constexpr,  # and V tiles (descriptor VD)
@@ -108,17 +111,29 @@ def _attn_fwd(
     row_ok = rows < q_end
     dcol = tl.arange(0, HEAD_DIM)
 
-    if PERM_QK or PERM_OUT:
+    if PERM_Q or PERM_OUT:
         prow = tl.load(PERM + rows, mask=row_ok, other=0)
     else:
         prow = rows
-    qrow = prow if PERM_QK else rows
+    qrow = prow if PERM_Q else rows
     if TMA_QK:
         q = tl.reshape(QD.load([b32, h32, q_start, 0]), (ROWS, HEAD_DIM))
     else:
         q = tl.load(Q + qrow[:, None] * sqs + dcol[None, :] * sqd, mask=row_ok[:, None], other=0.0)
     if QUANT:
-        q_scale = tl.load(QS + (b * H + h) * S + rows, mask=row_ok, other=0.0) * qk_scale
+        # per-token scales, the same arithmetic as quantize.quantize_qk_reference
+        qf = q.to(tl.float32)
+        # K smoothing shifted each row's scores by q . mean(k); the LSE gets it back, from unrounded q
+        kmean = tl.load(KMEAN + (b * H + h) * HEAD_DIM + dcol)
+        lse_shift = tl.sum(qf * kmean[None, :], 1) * qk_scale
+        q_sc = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / QMAX
+        qf = qf / q_sc[:, None]
+        if QK_FP8:
+            q = _to_fp8(qf, DOT_F32)
+        else:
+            qf = tl.where(qf >= 0, tl.floor(qf + 0.5), -tl.floor(0.5 - qf))
+            q = tl.minimum(tl.maximum(qf, -QMAX), QMAX).to(tl.int8)
+        q_scale = q_sc * qk_scale
         KS += (b * H + h) * S
 
     m_i = tl.full([ROWS], -float("inf"), tl.float32)
@@ -135,11 +150,11 @@ def _attn_fwd(
         for sub in tl.static_range(SUB):
             cols = k_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < k_end
-            if PERM_QK or PERM_V:
+            if PERM_K or PERM_V:
                 pcol = tl.load(PERM + cols, mask=col_ok, other=0)
             else:
                 pcol = cols
-            kcol = pcol if PERM_QK else cols
+            kcol = pcol if PERM_K else cols
             # Load [BLOCK_N, D] and transpose in registers: Triton then keeps K's reduction axis
             # contiguous in shared memory, which 8-bit tensor-core products require.
             if TMA_QK:
@@ -213,9 +228,7 @@ def _attn_fwd(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse2 = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
     if QUANT:
-        # Undo K smoothing in the LSE: the scores were shifted by q . mean(k) per row.
-        kmean = tl.load(KMEAN + (b * H + h) * HEAD_DIM + dcol)
-        lse2 += tl.sum(q.to(tl.float32) * kmean[None, :], 1) * q_scale
+        lse2 += lse_shift
     lse = tl.where(has_keys, lse2 * 0.6931471805599453, -float("inf"))
     orow = prow if PERM_OUT else rows
     tl.store(O + orow[:, None] * sos + dcol[None, :] * sod, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -341,25 +354,24 @@ def default_tiles(
 
 
 def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
-    """INT codes and scales for Q, K (+ FP8 V), in the reordered token order when ``perm`` is given."""
-    b, h, s, d = q.shape
-    dev = q.device
+    """K's codes and scales (+ FP8 V), in the reordered token order when ``perm`` is given, and the K
+    smoothing vector. Q is quantized by the attention kernel itself."""
+    b, h, s, d = k.shape
+    dev = k.device
     out = {}
     gather = perm is not None
     perm_t = perm if gather else torch.zeros(1, dtype=torch.int32, device=dev)
     sph = 0 if (not gather or perm.dim() == 1) else perm.stride(0)
     grid = (triton.cdiv(s, Qz.QUANT_BLOCK), b * h)
-    kmean = k.mean(dim=2, dtype=torch.float32).contiguous()
-    for name, x, smooth in (("q", q, False), ("k", k, True)):
-        code_dtype = torch.float8_e4m3fn if spec.qk_fp8 else torch.int8
-        codes = torch.empty(b, h, s, d, dtype=code_dtype, device=dev)
-        scale = torch.empty(b, h, s, dtype=torch.float32, device=dev)
-        _quant_qk[grid](
-            x, codes, scale, kmean, perm_t, *x.stride(), sph, h, s,
-            D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, GATHER=gather, SMOOTH=smooth,
-            TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
-        )  # fmt: skip
-        out[name] = (codes, scale)
+    kmean = Qz.k_smoothing_mean(k).contiguous()
+    codes = torch.empty(b, h, s, d, dtype=torch.float8_e4m3fn if spec.qk_fp8 else torch.int8, device=dev)
+    scale = torch.empty(b, h, s, dtype=torch.float32, device=dev)
+    _quant_qk[grid](
+        k, codes, scale, kmean, perm_t, *k.stride(), sph, h, s,
+        D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, GATHER=gather, SMOOTH=True,
+        TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
+    )  # fmt: skip
+    out["k"] = (codes, scale)
     out["kmean"] = kmean
     if spec.pv_fp8:
         s_pad = triton.cdiv(s, 16) * 16
@@ -415,13 +427,13 @@ def triton_attention(
     perm_t = perm if has_perm else torch.zeros(1, dtype=torch.int32, device=q.device)
     sph = 0 if (not has_perm or perm.dim() == 1) else perm.stride(0)
 
-    qq, kk, vv = q, k, v
-    qs = ks = vs = kmean = dummy
-    perm_qk, perm_v = has_perm, has_perm
+    kk, vv = k, v
+    ks = vs = kmean = dummy
+    perm_k, perm_v = has_perm, has_perm
     if spec.qk_bits:
         quantized = quantize_inputs(q, k, v, spec, perm)
-        (qq, qs), (kk, ks), kmean = quantized["q"], quantized["k"], quantized["kmean"]
-        perm_qk = False  # codes are already in the reordered order
+        (kk, ks), kmean = quantized["k"], quantized["kmean"]
+        perm_k = False  # codes are already in the reordered order
         if spec.pv_fp8:
             vv, vs = quantized["v"]
             perm_v = False
@@ -434,8 +446,10 @@ def triton_attention(
     grid = (block_mask.num_blocks * (bm // rows), b * h)
     qd = kd = vd = None
     if use_tma:
-        if not perm_qk:
-            qd, kd = _descriptor(qq, [1, 1, rows, d]), _descriptor(kk, [1, 1, block_n, d])
+        if not has_perm:
+            qd = _descriptor(q, [1, 1, rows, d])
+        if not perm_k:
+            kd = _descriptor(kk, [1, 1, block_n, d])
         if spec.pv_fp8:
             # transposed FP8 V: the token offset is the innermost coordinate and must be 16-byte aligned
             if block_mask.layout.split % 16 == 0:
@@ -443,13 +457,13 @@ def triton_attention(
         elif not perm_v:
             vd = _descriptor(vv, [1, 1, block_n, d])
     _attn_fwd[grid](
-        qq, kk, vv, out, lse, qs, ks, vs, kmean, cnt, idx, perm_t, qd, kd, vd,
-        *qq.stride(), *kk.stride(), *v_strides, *out.stride(),
+        q, kk, vv, out, lse, ks, vs, kmean, cnt, idx, perm_t, qd, kd, vd,
+        *q.stride(), *kk.stride(), *v_strides, *out.stride(),
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
         h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
-        PERM_QK=perm_qk, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
-        TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
+        PERM_Q=has_perm, PERM_K=perm_k, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
+        QMAX=spec.qmax if spec.qk_bits else 1.0, TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
         ROWS=rows, WARP_SPEC=t.warp_spec, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
     return out, lse

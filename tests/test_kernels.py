@@ -76,6 +76,33 @@ def test_kernel_matches_reference(layout_name, quant, reorder):
     assert (lse - ref_lse).abs().max() < (1e-3 if quant == "none" else 0.2)
 
 
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_k_smoothing_vector_is_exact_whatever_it_is(monkeypatch, quant):
+    """Softmax ignores a shift of K shared by all keys and the kernel adds ``q . m`` back to the LSE, so
+    the strided estimate of K's mean (long sequences), or any vector at all, changes only the rounding."""
+    from fastattn.kernels import quantize as Qz
+
+    layout = LAYOUTS["text_prefix"]
+    q, k, v = inputs(layout)
+    k = k + 3.0  # an offset shared by every key: what smoothing removes
+    mask = patterns.window3d(layout, (0, 1, 2), block_size=BS)
+    oracle = masked_sdpa(q, k, v, mask)
+    _, oracle_lse = attention_reference(q.float(), k.float(), v.float(), mask)
+    monkeypatch.setattr(Qz, "SMOOTH_SAMPLES", 8)  # 73 tokens: every 9th token estimates the mean
+    estimate = Qz.k_smoothing_mean(k)
+    assert not torch.allclose(estimate, k.float().mean(2))
+    out, lse = sparse_attention(q, k, v, mask, quant=quant, return_lse=True, backend="triton")
+    ref, ref_lse = attention_reference(q, k, v, mask, quant=quant)
+    assert rel(out, ref) < 3e-2 and (lse - ref_lse).abs().max() < 5e-2
+    assert rel(out, oracle) < DENSE_TOL[quant] and (lse - oracle_lse).abs().max() < 0.2
+    g = torch.Generator().manual_seed(1)
+    arbitrary = torch.randn(estimate.shape, generator=g) * 2
+    monkeypatch.setattr(Qz, "k_smoothing_mean", lambda k: arbitrary)
+    out, lse = sparse_attention(q, k, v, mask, quant=quant, return_lse=True, backend="triton")
+    # a poor vector widens K's codes' range: noisier, but unbiased
+    assert rel(out, oracle) < 2 * DENSE_TOL[quant] and (lse - oracle_lse).abs().max() < 0.3
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_head_dims_and_dtypes(d, dtype):
