@@ -80,7 +80,7 @@ def _attn_fwd(
     PERM_K: tl.constexpr,
     PERM_V: tl.constexpr,
     PERM_OUT: tl.constexpr,
-    P_SCALE: tl.constexpr,
+    P_SHIFT: tl.constexpr,  # log2 of FP8 P's scale (0 without FP8 P): applied inside exp2, undone in the LSE
     QMAX: tl.constexpr,  # Q's code range in quantized modes (127, 7 or FP8's 448)
     TWO_LEVEL: tl.constexpr,
     TMA_QK: tl.constexpr,  # Hopper: Q/K tiles through the tensor-memory accelerator (descriptors QD/KD)
@@ -165,30 +165,33 @@ def _attn_fwd(
                 kt = tl.trans(
                     tl.load(K + kcol[:, None] * sks + dcol[None, :] * skd, mask=col_ok[:, None], other=0.0)
                 )
-            # s: scores in base-2 units after multiplying by ``s_scale`` (folded into one FMA below)
+            # s: scores in base-2 units once multiplied by the row's scale (q_scale, or qk_scale), which
+            # the exponent's FMA does; the row max needs only one multiply per row (scales are > 0).
             if QK_FP8:
                 k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
-                s = tl.dot(q, kt) * q_scale[:, None] * k_scale[None, :]
-                s_scale = 1.0
+                s = tl.dot(q, kt) * k_scale[None, :]
             elif QUANT:
                 k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
                 si = tl.dot(q, kt, out_dtype=tl.int32)
                 # int32 -> fp32 by the magic-number trick (exact for |x| < 2^22; |q.k| <= 128*127^2):
                 # two ALU ops instead of an I2F conversion, which runs at the exp2 unit's slow rate.
                 s = (si + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-                s = s * q_scale[:, None] * k_scale[None, :]
-                s_scale = 1.0
+                s = s * k_scale[None, :]
             elif DOT_F32:
                 s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
-                s_scale = qk_scale
             else:
                 s = tl.dot(q, kt)
-                s_scale = qk_scale
             if k_start + (sub + 1) * BLOCK_N > k_end:  # ragged tail of a segment
                 s = tl.where(col_ok[None, :], s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+            # With FP8 P, p comes out already scaled by 2^P_SHIFT (keeps small probabilities out of e4m3's
+            # subnormals); l_i and acc carry the same factor, which cancels in acc / l_i.
+            if QUANT:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * q_scale)
+                p = tl.math.exp2(s * q_scale[:, None] - (m_new - P_SHIFT)[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - (m_new - P_SHIFT)[:, None])
             alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s * s_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if PV_FP8:
@@ -206,9 +209,9 @@ def _attn_fwd(
                 if TWO_LEVEL:
                     # Hopper's FP8 MMA accumulates with reduced precision: start each tile from zero
                     # and add into the fp32 accumulator.
-                    acc += tl.dot(_to_fp8(p * P_SCALE, DOT_F32), v)
+                    acc += tl.dot(_to_fp8(p, DOT_F32), v)
                 else:
-                    acc = tl.dot(_to_fp8(p * P_SCALE, DOT_F32), v, acc)
+                    acc = tl.dot(_to_fp8(p, DOT_F32), v, acc)
             else:
                 vcol = pcol if PERM_V else cols
                 if TMA_V:
@@ -223,10 +226,10 @@ def _attn_fwd(
 
     if PV_FP8:
         v_scale = tl.load(VS + (b * H + h) * HEAD_DIM + dcol)
-        acc = acc * (v_scale / P_SCALE)[None, :]
+        acc = acc * v_scale[None, :]
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse2 = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))
+    lse2 = m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)) - P_SHIFT
     if QUANT:
         lse2 += lse_shift
     lse = tl.where(has_keys, lse2 * 0.6931471805599453, -float("inf"))
@@ -462,7 +465,7 @@ def triton_attention(
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
         h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
-        PERM_Q=has_perm, PERM_K=perm_k, PERM_V=perm_v, PERM_OUT=has_perm, P_SCALE=Qz.P_FP8_SCALE,
+        PERM_Q=has_perm, PERM_K=perm_k, PERM_V=perm_v, PERM_OUT=has_perm, P_SHIFT=math.log2(Qz.P_FP8_SCALE) if spec.pv_fp8 else 0.0,
         QMAX=spec.qmax if spec.qk_bits else 1.0, TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
         ROWS=rows, WARP_SPEC=t.warp_spec, num_warps=t.warps, num_stages=t.stages,
     )  # fmt: skip
