@@ -5,7 +5,9 @@ bf16 rate while Triton's INT8 products do not), symmetric:
 
 - Q per token, inside the attention kernel itself: each program loads its Q tile once, so quantizing
   there costs nothing, where a separate pass would read Q and write its codes once more.
-- K with scales per block of ``QUANT_BLOCK`` consecutive tokens (INT8, FP8) or per token (INT4), after
+- K with scales per block of ``QUANT_BLOCK`` consecutive tokens (INT8), per token (INT4) or one per head
+  (FP8: e4m3 keeps its relative precision over its whole range, and a scale per head folds into Q's
+  row scale, so the kernel does not multiply every score by a key scale), after
   subtracting a smoothing vector: softmax is invariant to adding ``q·m`` to a whole row for *any* ``m``
   (the kernel adds it back to the log-sum-exp), and subtracting K's mean over tokens shrinks K's range
   (SageAttention's smoothing). :func:`k_smoothing_mean` estimates that mean from a strided sample of
@@ -38,6 +40,11 @@ class QuantSpec:
     qk_fp8: bool = False  # Q and K as FP8 e4m3 instead of integers ("fp8" mode)
 
     @property
+    def k_granularity(self) -> str:
+        """What one K scale covers: ``"token"``, ``"block"`` (``QUANT_BLOCK`` tokens) or ``"head"``."""
+        return "token" if self.per_token else ("head" if self.qk_fp8 else "block")
+
+    @property
     def qmax(self) -> float:
         if self.qk_fp8:
             return FP8_MAX
@@ -67,23 +74,34 @@ def k_smoothing_mean(k: torch.Tensor) -> torch.Tensor:
     return k[:, :, ::stride].mean(dim=2, dtype=torch.float32)
 
 
+def k_head_scale(k: torch.Tensor, mean: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``[B, H]`` fp32: one scale per head for ``k - mean``, from K's per-channel extremes (one read of K,
+    no smoothed copy): ``max |k - m| = max(k_max - m, m - k_min)`` channel by channel."""
+    k_min, k_max = torch.aminmax(k, dim=2)
+    amax = torch.maximum(k_max.float() - mean, mean - k_min.float()).amax(-1)
+    return torch.clamp(amax, min=1e-12) / qmax
+
+
 def quantize_qk_reference(
     x: torch.Tensor,
     spec: QuantSpec,
     block: int = QUANT_BLOCK,
     mean: torch.Tensor | None = None,
-    per_token: bool | None = None,
+    granularity: str | None = None,
 ):
     """``x [B, H, S, D]`` -> (int8 (or fp8) codes ``[B, H, S, D]``, fp32 scales ``[B, H, S]``).
 
-    ``mean [B, H, D]``: subtracted first (K smoothing). ``per_token``: one scale per token (Q always;
-    K per ``spec``)."""
+    ``mean [B, H, D]``: subtracted first (K smoothing). ``granularity``: ``"token"`` (Q always),
+    ``"block"`` or ``"head"``; K's comes from ``spec.k_granularity``."""
     xf = x.float()
     if mean is not None:
         xf = xf - mean[:, :, None, :]
     b, h, s, d = xf.shape
-    if spec.per_token if per_token is None else per_token:
+    granularity = granularity or spec.k_granularity
+    if granularity == "token":
         amax = xf.abs().amax(-1)
+    elif granularity == "head":
+        amax = xf.abs().amax(dim=(2, 3))[:, :, None].expand(b, h, s)
     else:
         nb = -(-s // block)
         pad = torch.nn.functional.pad(xf.abs(), (0, 0, 0, nb * block - s))

@@ -41,7 +41,7 @@ def attention_reference(
     pv_fp8 = False
     if quant != "none":
         spec = Qz.QuantSpec.parse(quant)
-        qi, qs = Qz.quantize_qk_reference(q, spec, per_token=True)
+        qi, qs = Qz.quantize_qk_reference(q, spec, granularity="token")
         ki, ks = Qz.quantize_qk_reference(k, spec, mean=kmean)
         qf, kf = qi.float() * qs[..., None], ki.float() * ks[..., None]
         pv_fp8 = spec.pv_fp8

@@ -74,6 +74,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr,
+    K_PER_HEAD: tl.constexpr,  # one K scale per head (KS is [B * H]), folded into Q's row scale
     QK_FP8: tl.constexpr,
     PV_FP8: tl.constexpr,
     PERM_Q: tl.constexpr,
@@ -134,7 +135,10 @@ def _attn_fwd(
             qf = tl.where(qf >= 0, tl.floor(qf + 0.5), -tl.floor(0.5 - qf))
             q = tl.minimum(tl.maximum(qf, -QMAX), QMAX).to(tl.int8)
         q_scale = q_sc * qk_scale
-        KS += (b * H + h) * S
+        if K_PER_HEAD:
+            q_scale = q_scale * tl.load(KS + b * H + h)
+        else:
+            KS += (b * H + h) * S
 
     m_i = tl.full([ROWS], -float("inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -168,19 +172,18 @@ def _attn_fwd(
             # s: scores in base-2 units once multiplied by the row's scale (q_scale, or qk_scale), which
             # the exponent's FMA does; the row max needs only one multiply per row (scales are > 0).
             if QK_FP8:
-                k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
-                s = tl.dot(q, kt) * k_scale[None, :]
+                s = tl.dot(q, kt)
             elif QUANT:
-                k_scale = tl.load(KS + cols, mask=col_ok, other=0.0)
                 si = tl.dot(q, kt, out_dtype=tl.int32)
                 # int32 -> fp32 by the magic-number trick (exact for |x| < 2^22; |q.k| <= 128*127^2):
                 # two ALU ops instead of an I2F conversion, which runs at the exp2 unit's slow rate.
                 s = (si + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-                s = s * k_scale[None, :]
             elif DOT_F32:
                 s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
             else:
                 s = tl.dot(q, kt)
+            if QUANT and not K_PER_HEAD:
+                s = s * tl.load(KS + cols, mask=col_ok, other=0.0)[None, :]
             if k_start + (sub + 1) * BLOCK_N > k_end:  # ragged tail of a segment
                 s = tl.where(col_ok[None, :], s, -float("inf"))
             # With FP8 P, p comes out already scaled by 2^P_SHIFT (keeps small probabilities out of e4m3's
@@ -240,11 +243,11 @@ def _attn_fwd(
 
 @triton.jit
 def _quant_qk(
-    X, OUT, SCALE, MEAN, PERM,
+    X, OUT, SCALE, MEAN, HEAD_SCALE, PERM,
     sxb, sxh, sxs, sxd, sph, H, S,
     D: tl.constexpr, TB: tl.constexpr, QMAX: tl.constexpr,
-    PER_TOKEN: tl.constexpr, GATHER: tl.constexpr, SMOOTH: tl.constexpr, TO_FP8: tl.constexpr,
-    EMULATE: tl.constexpr,
+    PER_TOKEN: tl.constexpr, PER_HEAD: tl.constexpr, GATHER: tl.constexpr, SMOOTH: tl.constexpr,
+    TO_FP8: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     tb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -258,10 +261,13 @@ def _quant_qk(
     x = x.to(tl.float32)
     if SMOOTH:
         x = tl.where(ok[:, None], x - tl.load(MEAN + bh * D + d)[None, :], 0.0)
-    amax = tl.max(tl.abs(x), 1)
-    if not PER_TOKEN:
-        amax = tl.zeros([TB], tl.float32) + tl.max(amax, 0)
-    scale = tl.maximum(amax, 1e-12) / QMAX
+    if PER_HEAD:
+        scale = tl.zeros([TB], tl.float32) + tl.load(HEAD_SCALE + bh)
+    else:
+        amax = tl.max(tl.abs(x), 1)
+        if not PER_TOKEN:
+            amax = tl.zeros([TB], tl.float32) + tl.max(amax, 0)
+        scale = tl.maximum(amax, 1e-12) / QMAX
     y = x / scale[:, None]
     if TO_FP8:
         y = _to_fp8(y, EMULATE)
@@ -367,14 +373,17 @@ def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
     sph = 0 if (not gather or perm.dim() == 1) else perm.stride(0)
     grid = (triton.cdiv(s, Qz.QUANT_BLOCK), b * h)
     kmean = Qz.k_smoothing_mean(k).contiguous()
+    per_head = spec.k_granularity == "head"
+    head_scale = Qz.k_head_scale(k, kmean, spec.qmax).contiguous() if per_head else kmean
     codes = torch.empty(b, h, s, d, dtype=torch.float8_e4m3fn if spec.qk_fp8 else torch.int8, device=dev)
     scale = torch.empty(b, h, s, dtype=torch.float32, device=dev)
     _quant_qk[grid](
-        k, codes, scale, kmean, perm_t, *k.stride(), sph, h, s,
-        D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, GATHER=gather, SMOOTH=True,
-        TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
+        k, codes, scale, kmean, head_scale, perm_t, *k.stride(), sph, h, s,
+        D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, PER_HEAD=per_head, GATHER=gather,
+        SMOOTH=True, TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
     )  # fmt: skip
-    out["k"] = (codes, scale)
+    # with one scale per head the attention kernel reads the [B, H] scales, not the per-token copy
+    out["k"] = (codes, head_scale if per_head else scale)
     out["kmean"] = kmean
     if spec.pv_fp8:
         s_pad = triton.cdiv(s, 16) * 16
@@ -464,7 +473,7 @@ def triton_attention(
         *q.stride(), *kk.stride(), *v_strides, *out.stride(),
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
         h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), K_PER_HEAD=spec.k_granularity == "head", QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
         PERM_Q=has_perm, PERM_K=perm_k, PERM_V=perm_v, PERM_OUT=has_perm, P_SHIFT=math.log2(Qz.P_FP8_SCALE) if spec.pv_fp8 else 0.0,
         QMAX=spec.qmax if spec.qk_bits else 1.0, TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),
         ROWS=rows, WARP_SPEC=t.warp_spec, num_warps=t.warps, num_stages=t.stages,

@@ -103,6 +103,20 @@ def test_k_smoothing_vector_is_exact_whatever_it_is(monkeypatch, quant):
     assert rel(out, oracle) < 2 * DENSE_TOL[quant] and (lse - oracle_lse).abs().max() < 0.3
 
 
+def test_fp8_keys_have_one_scale_per_head_from_their_extremes():
+    from fastattn.kernels import quantize as Qz
+
+    k = inputs(LAYOUTS["video"], heads=3)[1] * torch.linspace(0.5, 4, 64)  # channels of unequal range
+    mean = Qz.k_smoothing_mean(k)
+    spec = Qz.QuantSpec.parse("fp8")
+    assert spec.k_granularity == "head" and Qz.QuantSpec.parse("int8-fp8").k_granularity == "block"
+    expected = (k.float() - mean[:, :, None]).abs().amax(dim=(2, 3)) / Qz.FP8_MAX
+    assert torch.equal(Qz.k_head_scale(k, mean, spec.qmax), expected)
+    codes, scale = Qz.quantize_qk_reference(k, spec, mean=mean)
+    assert torch.equal(scale, expected[:, :, None].expand_as(scale))
+    assert codes.float().abs().max() == Qz.FP8_MAX  # the extreme element lands on e4m3's largest value
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_head_dims_and_dtypes(d, dtype):
