@@ -349,7 +349,8 @@ def default_tiles(
       block on Wan (4 warps over 64-row halves: 0.51-0.80x).
     - quantized, with TMA: 4 warps over 64-row halves of a block, 3 stages. Dense Wan-1.3B: fp8 1.07x and
       int8-fp8 1.02x cuDNN, against 0.57x / 0.55x with the bf16 shape and 0.66x / 0.64x with (128, 8, 2);
-      dense FLUX 2048^2: 0.99x / 0.88x. Without TMA that shape measured 0.30x, so pointer loads keep the
+      dense FLUX 2048^2: 0.99x / 0.88x. (Since then the kernel quantizes Q itself and folds the scales:
+      fp8 1.19x, ``tile-sweep-fp8-head-scale-nvidia_h200.json``; 2 and 4 stages stayed slower.) Without TMA that shape measured 0.30x, so pointer loads keep the
       earlier (128, 8, 2).
     - short head_dim-64 sequences: see ``_short_d64``.
     """
