@@ -322,7 +322,8 @@ def _window_for_density(layout: TokenLayout, target: float, block_size: int, ord
     """The least dense 3-D window reaching ``target`` among balanced shapes.
 
     H and W grow together (scaled by one factor); F grows on its own, but neither F's
-    share of its extent nor the spatial share may exceed twice the other (plus one frame of slack), so
+    share of its extent nor the spatial share may exceed twice the other (plus one step of the coarser
+    axis as slack), so
     the search never trades a whole axis away for density. Scaling all three axes by one factor instead
     makes the density jump with the rounding: on Wan-14B 720p the first such window reaching 0.2
     computed 0.213 of the blocks; this search finds 0.206.
@@ -332,14 +333,18 @@ def _window_for_density(layout: TokenLayout, target: float, block_size: int, ord
     table = patterns.window3d_density_table(layout, spatial, block_size, order)  # [f, len(spatial)]
     frac_f = torch.arange(f, dtype=torch.float64)[:, None] / max(f - 1, 1)
     frac_s = torch.tensor(frac_s, dtype=torch.float64)[None, :]
-    slack = 1 / max(f - 1, 1)
-    balanced = (frac_f <= 2 * frac_s + slack) & (frac_s <= 2 * frac_f + slack) if f > 1 else frac_s >= 0
+    slack = 1 / max(min(f, max(h, w)) - 1, 1)  # one step of the coarser axis
+    if f > 1 and max(h, w) > 1:
+        balanced = (frac_f <= 2 * frac_s + slack) & (frac_s <= 2 * frac_f + slack)
+    else:  # one free axis group only (an image, or one token per frame): nothing to balance
+        balanced = torch.ones_like(table, dtype=torch.bool)
     ok = balanced & (table >= target - 1e-9)
     if not ok.any():
         return f - 1, h - 1, w - 1
     # least dense first; among equals, the most even shape
-    cost = torch.where(ok, table, torch.inf) + 1e-9 * (frac_f - frac_s).abs()
-    wf, j = divmod(int(cost.argmin()), len(spatial))
+    least = table[ok].min()
+    tied = ok & (table <= least + 1e-12)
+    wf, j = divmod(int(torch.where(tied, (frac_f - frac_s).abs(), torch.inf).argmin()), len(spatial))
     return (wf, *spatial[j])
 
 
@@ -353,7 +358,9 @@ def _spatial_windows(h: int, w: int) -> tuple[list[tuple[int, int]], list[float]
         win = (round(s * (h - 1)), round(s * (w - 1)))
         if not windows or win != windows[-1]:
             windows.append(win)
-    shares = [(wh / max(h - 1, 1) + ww / max(w - 1, 1)) / 2 for wh, ww in windows]
+    # an axis of length 1 has no extent to share: the other one alone says how wide the window is
+    extents = [(i, n - 1) for i, n in enumerate((h, w)) if n > 1]
+    shares = [sum(win[i] / e for i, e in extents) / max(len(extents), 1) for win in windows]
     return windows, shares
 
 

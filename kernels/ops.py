@@ -214,6 +214,8 @@ def sparse_attention(
     check_inputs(q, k, v, block_mask, perm, quant)
     b, h, s, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not scale > 0:  # the kernel's running max assumes scores keep their order
+        raise ValueError(f"scale must be a positive float (softmax temperature), got {scale}")
     if quant.endswith("fp8") and not pv_fp8_supported(q.device):
         # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
         served = "int8" if quant == "fp8" else quant[: -len("-fp8")]

@@ -49,12 +49,15 @@ def _block_range(blk, nb0, split, seq_len, BS: tl.constexpr):
 @triton.jit
 def _to_fp8(x, EMULATE: tl.constexpr):
     """Round to FP8 e4m3. Triton 3.6's interpreter drops the carry when rounding crosses a power of
-    two (1.98 -> 1.0); under the interpreter we round to e4m3's grid in fp32 first, so the cast is exact."""
+    two (1.98 -> 1.0); under the interpreter we round to e4m3's grid in fp32 first (half to even, as
+    the GPU and torch do), so the cast is exact."""
     if EMULATE:
         ax = tl.abs(x)
         e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(ax, 1e-30))), -6.0)
         step = tl.math.exp2(e - 3.0)
-        r = tl.floor(ax / step + 0.5) * step
+        t = ax / step
+        r = tl.floor(t + 0.5)
+        r = tl.where((r - t == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r) * step
         x = tl.where(x < 0, -r, r)
     return x.to(tl.float8e4nv)
 
@@ -275,7 +278,8 @@ def _quant_qk(
         y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.int8)
     tl.store(OUT + (bh * S + rows)[:, None] * D + d[None, :], y, mask=ok[:, None])
-    tl.store(SCALE + bh * S + rows, scale, mask=ok)
+    if not PER_HEAD:  # per-head scales are already in HEAD_SCALE
+        tl.store(SCALE + bh * S + rows, scale, mask=ok)
 
 
 @triton.jit
@@ -377,7 +381,7 @@ def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
     per_head = spec.k_granularity == "head"
     head_scale = Qz.k_head_scale(k, kmean, spec.qmax).contiguous() if per_head else kmean
     codes = torch.empty(b, h, s, d, dtype=torch.float8_e4m3fn if spec.qk_fp8 else torch.int8, device=dev)
-    scale = torch.empty(b, h, s, dtype=torch.float32, device=dev)
+    scale = head_scale if per_head else torch.empty(b, h, s, dtype=torch.float32, device=dev)
     _quant_qk[grid](
         k, codes, scale, kmean, head_scale, perm_t, *k.stride(), sph, h, s,
         D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, PER_HEAD=per_head, GATHER=gather,

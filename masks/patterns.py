@@ -221,16 +221,21 @@ def window3d_builder(
     layout: TokenLayout, block_size: int = 128, order: str = "FHW", text: str = "dense"
 ) -> Callable[[tuple[int, int, int]], BlockMask]:
     """``window -> window3d mask`` on one layout, sharing the segment gaps across calls (density search)."""
+    grid = _need_grid(layout)
     geom = BlockGeometry(layout, block_size)
     pairs = SegmentPairs(geom, order)
 
     def build(window: tuple[int, int, int]) -> BlockMask:
         if len(window) != 3 or any(x < 0 for x in window):
             raise ValueError(f"window must be three non-negative ints (wf, wh, ww), got {window}")
-        lim = torch.tensor(window, dtype=torch.int16)
+        # a half-width past the grid's extent is the extent (and keeps the int16 gaps' padding unreachable)
+        lim = torch.tensor([min(int(x), n - 1) for x, n in zip(window, grid)], dtype=torch.int16)
         return _finish(pairs.block_map(lambda gap: (gap <= lim).all(-1)), geom, text)
 
     return build
+
+
+_TABLE_ELEMENTS = 8_000_000  # bounds window3d_density_table's working set (~200 MB)
 
 
 def window3d_density_table(
@@ -258,21 +263,27 @@ def window3d_density_table(
     n, m = geom.num_blocks, int(image.sum())
     counts = torch.zeros(f * (n_j + 1), dtype=torch.long)
     offsets = torch.arange(f) * (n_j + 1)
-    for s in range(0, pairs.n, pairs._chunk):
-        rows = slice(s, s + pairs._chunk)
+    # rows per step: the per-(pair, temporal gap) table below is c * n * (f + 1) entries
+    chunk = max(1, min(pairs._chunk, _TABLE_ELEMENTS // (n * (f + 1))))
+    for s in range(0, pairs.n, chunk):
+        rows = slice(s, s + chunk)
         gap = (pairs._gaps[rows] if pairs._gaps is not None else pairs._gaps_of(rows)).long()
-        gap = gap.clamp_(max=big)
+        spatial_gap = gap[..., 1:].clamp(max=big)  # past every half-width; the temporal gap is kept
         c = gap.shape[0]
-        need_j = torch.maximum(need_h[gap[..., 1]], need_w[gap[..., 2]])  # [c, k, n, k]
-        gap_f = gap[..., 0].clamp_(max=f)  # f: no temporal half-width covers it
+        need_j = torch.maximum(need_h[spatial_gap[..., 0]], need_w[spatial_gap[..., 1]]).int()  # [c, k, n, k]
+        gap_f = gap[..., 0].clamp(max=f)  # f: no temporal half-width covers it
+        del gap, spatial_gap
         # per block pair and temporal gap, the smallest spatial index any segment pair needs
         pair = (torch.arange(c)[:, None, None, None] * n + torch.arange(n)[None, None, :, None]).expand_as(
             gap_f
         )
-        first_j = torch.full((c * n * (f + 1),), n_j, dtype=torch.long)
+        first_j = torch.full((c * n * (f + 1),), n_j, dtype=torch.int32)
         first_j.scatter_reduce_(0, (pair * (f + 1) + gap_f).flatten(), need_j.flatten(), "amin")
-        # a temporal half-width wf admits every temporal gap <= wf
-        first_j = first_j.view(c * n, f + 1)[:, :f].cummin(1).values[both_image[rows].flatten()]  # [P, f]
+        del pair, gap_f, need_j
+        first_j = first_j.view(c * n, f + 1)
+        for wf in range(1, f):  # a temporal half-width wf admits every temporal gap <= wf
+            torch.minimum(first_j[:, wf], first_j[:, wf - 1], out=first_j[:, wf])
+        first_j = first_j[both_image[rows].flatten(), :f]  # [P, f]
         counts += torch.bincount((first_j + offsets).flatten(), minlength=f * (n_j + 1))
     counts = counts.view(f, n_j + 1)[:, :n_j].cumsum(1)
     return (n * n - m * m + counts).double() / (n * n)
@@ -294,7 +305,7 @@ def radial(
     wh, ww = window
     geom = BlockGeometry(layout, block_size)
     f_max = _need_grid(layout)[0]
-    tw = f_max if temporal_window is None else temporal_window
+    tw = f_max if temporal_window is None else min(temporal_window, f_max)  # beyond the grid: all frames
 
     def allowed(gap):
         df = gap[..., 0].long()

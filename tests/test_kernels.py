@@ -69,6 +69,8 @@ def test_kernel_matches_reference(layout_name, quant, reorder):
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
     assert rel(out, ref_q) < (1e-2 if quant in ("none", "int8", "int4") else 3e-2)
+    # the LSE takes the same codes and scales (FP8 P only rounds the output): equal up to fp32 sums
+    assert (lse - ref_q_lse).abs().max() < 1e-3
     # fidelity to unquantized masked attention, checked by an independent oracle
     oracle = masked_sdpa(q, k, v, mask, perm)
     assert rel(out, oracle) < DENSE_TOL[quant]
@@ -218,6 +220,8 @@ def test_torch_compile_traces_the_custom_op():
         (lambda q, k, v, m: sparse_attention(q.int(), k, v, m), TypeError, "float16, bfloat16 or float32"),
         (lambda q, k, v, m: sparse_attention(q, k, v, "dense"), TypeError, "BlockMask"),
         (lambda q, k, v, m: sparse_attention(q, k, v, m, quant="int3"), ValueError, "quant must be one of"),
+        (lambda q, k, v, m: sparse_attention(q, k, v, m, scale=-0.1), ValueError, "scale must be a positive"),
+        (lambda q, k, v, m: sparse_attention(q, k, v, m, scale=0.0), ValueError, "scale must be a positive"),
         (lambda q, k, v, m: sparse_attention(q, k, v, m, backend="cuda"), ValueError, "backend must be"),
         (
             lambda q, k, v, m: sparse_attention(q, k, v, m, perm=torch.zeros(48, dtype=torch.long)),

@@ -59,17 +59,28 @@ def test_window3d_matches_token_definition(layout, order):
     assert torch.equal(mask.to_block_map()[0, 0], expected)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "layout", LAYOUTS + [TokenLayout.video(13, 3, 4, text_len=7), TokenLayout.video(9, 1, 1, text_len=3)]
+)
 @pytest.mark.parametrize("order", ["FHW", "HWF"])
 def test_window3d_density_table_equals_the_built_masks(layout, order):
     f, h, w = layout.grid
     n = max(h, w)
-    spatial = [(round(j * (h - 1) / (n - 1)), round(j * (w - 1) / (n - 1))) for j in range(n)]
+    spatial = [(round(j * (h - 1) / max(n - 1, 1)), round(j * (w - 1) / max(n - 1, 1))) for j in range(n)]
     table = patterns.window3d_density_table(layout, spatial, block_size=8, order=order)
     assert table.shape == (f, n)
     for wf, j in itertools.product(range(f), range(n)):
         built = patterns.window3d(layout, (wf, *spatial[j]), block_size=8, order=order)
         assert table[wf, j].item() == pytest.approx(built.block_density(), abs=1e-6), (wf, j)  # float32 there
+
+
+def test_window_wider_than_the_grid_is_the_whole_grid():
+    layout = TokenLayout.video(3, 4, 4, text_len=20)
+    for text in ("dense", "self"):
+        full = patterns.window3d(layout, (2, 3, 3), 8, text=text)
+        assert torch.equal(
+            patterns.window3d(layout, (10**6, 30_000, 40_000), 8, text=text).kv_indices, full.kv_indices
+        )
 
 
 def test_segment_gaps_computed_in_chunks_give_the_same_masks(monkeypatch):
