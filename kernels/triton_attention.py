@@ -63,6 +63,18 @@ def _to_fp8(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _to_codes(y, QMAX: tl.constexpr, TO_FP8: tl.constexpr, EMULATE: tl.constexpr):
+    """Scaled values to FP8, or to integers in [-QMAX, QMAX] rounded half away from zero (as
+    ``quantize._round_half_away``)."""
+    if TO_FP8:
+        codes = _to_fp8(y, EMULATE)
+    else:
+        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
+        codes = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.int8)
+    return codes
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, KS, VS, KMEAN, CNT, IDX, PERM, QD, KD, VD,
     sqb, sqh, sqs, sqd,
@@ -131,12 +143,7 @@ def _attn_fwd(
         kmean = tl.load(KMEAN + (b * H + h) * HEAD_DIM + dcol)
         lse_shift = tl.sum(qf * kmean[None, :], 1) * qk_scale
         q_sc = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12) / QMAX
-        qf = qf / q_sc[:, None]
-        if QK_FP8:
-            q = _to_fp8(qf, DOT_F32)
-        else:
-            qf = tl.where(qf >= 0, tl.floor(qf + 0.5), -tl.floor(0.5 - qf))
-            q = tl.minimum(tl.maximum(qf, -QMAX), QMAX).to(tl.int8)
+        q = _to_codes(qf / q_sc[:, None], QMAX, QK_FP8, DOT_F32)
         q_scale = q_sc * qk_scale
         if K_PER_HEAD:
             q_scale = q_scale * tl.load(KS + b * H + h)
@@ -271,12 +278,7 @@ def _quant_qk(
         if not PER_TOKEN:
             amax = tl.zeros([TB], tl.float32) + tl.max(amax, 0)
         scale = tl.maximum(amax, 1e-12) / QMAX
-    y = x / scale[:, None]
-    if TO_FP8:
-        y = _to_fp8(y, EMULATE)
-    else:
-        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.int8)
+    y = _to_codes(x / scale[:, None], QMAX, TO_FP8, EMULATE)
     tl.store(OUT + (bh * S + rows)[:, None] * D + d[None, :], y, mask=ok[:, None])
     if not PER_HEAD:  # per-head scales are already in HEAD_SCALE
         tl.store(SCALE + bh * S + rows, scale, mask=ok)
