@@ -248,7 +248,16 @@ def _search(config: MethodConfig, layout: TokenLayout, block_size: int, build: C
     floor_mask = _floor_mask(config, layout, block_size, build(0.0))
     if floor_mask is not None:
         return floor_mask
-    return _bisect(build, float(config.density))[1]
+    target = float(config.density)
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = build(mid)
+        if m.block_density() >= target - 1e-9:
+            hi, best = mid, m
+        else:
+            lo = mid
+    return best if best is not None else build(1.0)
 
 
 def _floor_mask(config: MethodConfig, layout: TokenLayout, block_size: int, lo_mask: BlockMask):
@@ -280,20 +289,6 @@ def _floor_mask(config: MethodConfig, layout: TokenLayout, block_size: int, lo_m
     return lo_mask
 
 
-def _bisect(build: Callable, target: float, lo: float = 0.0, hi: float = 1.0, steps: int = 12):
-    """Smallest parameter in ``[lo, hi]`` (to ``steps`` halvings) whose mask reaches ``target``:
-    ``(parameter, mask)``, or ``(hi, build(hi))`` when nothing smaller does. ``build`` must grow."""
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        m = build(mid)
-        if m.block_density() >= target - 1e-9:
-            hi, best = mid, m
-        else:
-            lo = mid
-    return (hi, best) if best is not None else (hi, build(hi))
-
-
 def _grid(layout: TokenLayout, name: str) -> tuple[int, int, int]:
     if layout.grid is None:
         raise ValueError(f"{name} needs the latent grid (F, H, W) of the image tokens; this call has none")
@@ -307,7 +302,7 @@ def _dense_mask(config: DenseConfig, layout: TokenLayout, block_size: int) -> Bl
 
 @register_method_handler(Window3DConfig)
 def _window3d_mask(config: Window3DConfig, layout: TokenLayout, block_size: int) -> BlockMask:
-    f, h, w = _grid(layout, "window3d")
+    _grid(layout, "window3d")  # a clear error without one
     build_window = patterns.window3d_builder(layout, block_size, config.order)
     if config.window is not None:
         return build_window(tuple(config.window))
@@ -321,10 +316,9 @@ def _window3d_mask(config: Window3DConfig, layout: TokenLayout, block_size: int)
 def _window_for_density(layout: TokenLayout, target: float, block_size: int, order: str):
     """The least dense 3-D window reaching ``target`` among balanced shapes.
 
-    H and W grow together (scaled by one factor); F grows on its own, but neither F's
-    share of its extent nor the spatial share may exceed twice the other (plus one step of the coarser
-    axis as slack), so
-    the search never trades a whole axis away for density. Scaling all three axes by one factor instead
+    H and W grow together (scaled by one factor); F grows on its own, but neither F's share of its
+    extent nor the spatial share may exceed twice the other (plus one step of the coarser axis as
+    slack), so the search never trades a whole axis away for density. Scaling all three axes by one factor instead
     makes the density jump with the rounding: on Wan-14B 720p the first such window reaching 0.2
     computed 0.213 of the blocks; this search finds 0.206.
     """

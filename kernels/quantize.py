@@ -11,8 +11,8 @@ bf16 rate while Triton's INT8 products do not), symmetric:
   subtracting a smoothing vector: softmax is invariant to adding ``q·m`` to a whole row for *any* ``m``
   (the kernel adds it back to the log-sum-exp), and subtracting K's mean over tokens shrinks K's range
   (SageAttention's smoothing). :func:`k_smoothing_mean` estimates that mean from a strided sample of
-  at most ``SMOOTH_SAMPLES`` tokens, so long sequences are not read once more for it. Scales are
-  stored per token ``[B, H, S]`` even when shared by a block, so the kernel has one code path.
+  at most ``SMOOTH_SAMPLES`` tokens, so long sequences are not read once more for it. Token and block
+  scales are stored per token ``[B, H, S]`` (one code path in the kernel); head scales as ``[B, H]``.
 
 P·V in FP8 (e4m3): V gets one scale per channel; P (in [0, 1] after the running-max shift) is scaled
 by ``P_FP8_SCALE`` so small probabilities stay out of e4m3's subnormals. FP8 V is stored transposed,

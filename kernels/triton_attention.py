@@ -381,7 +381,7 @@ def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
     grid = (triton.cdiv(s, Qz.QUANT_BLOCK), b * h)
     kmean = Qz.k_smoothing_mean(k).contiguous()
     per_head = spec.k_granularity == "head"
-    head_scale = Qz.k_head_scale(k, kmean, spec.qmax).contiguous() if per_head else kmean
+    head_scale = Qz.k_head_scale(k, kmean, spec.qmax).contiguous() if per_head else kmean  # else: unread
     codes = torch.empty(b, h, s, d, dtype=torch.float8_e4m3fn if spec.qk_fp8 else torch.int8, device=dev)
     scale = head_scale if per_head else torch.empty(b, h, s, dtype=torch.float32, device=dev)
     _quant_qk[grid](
@@ -389,8 +389,7 @@ def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
         D=d, TB=Qz.QUANT_BLOCK, QMAX=spec.qmax, PER_TOKEN=spec.per_token, PER_HEAD=per_head, GATHER=gather,
         SMOOTH=True, TO_FP8=spec.qk_fp8, EMULATE=interpreting(),
     )  # fmt: skip
-    # with one scale per head the attention kernel reads the [B, H] scales, not the per-token copy
-    out["k"] = (codes, head_scale if per_head else scale)
+    out["k"] = (codes, scale)  # [B, H] with one scale per head, else [B, H, S]
     out["kmean"] = kmean
     if spec.pv_fp8:
         s_pad = triton.cdiv(s, 16) * 16

@@ -99,6 +99,10 @@ class SegmentPairs:
         gap = torch.clamp(torch.maximum(klo - qhi, qlo - khi), min=0, max=2 * self._FAR)
         return gap.clamp_(max=32_767).to(torch.int16)  # [c, k, n, k, 3]
 
+    def gaps(self, rows: slice) -> torch.Tensor:
+        """Gaps ``[c, k, n, k, 3]`` (int16) of the query blocks in ``rows``: cached, or computed now."""
+        return self._gaps[rows] if self._gaps is not None else self._gaps_of(rows)
+
     def _all_gaps(self) -> torch.Tensor:
         return torch.cat([self._gaps_of(slice(s, s + self._chunk)) for s in range(0, self.n, self._chunk)])
 
@@ -107,7 +111,7 @@ class SegmentPairs:
         out = torch.zeros(self.n, self.n, dtype=torch.bool)
         for s in range(0, self.n, self._chunk):
             rows = slice(s, s + self._chunk)
-            gap = self._gaps[rows] if self._gaps is not None else self._gaps_of(rows)
+            gap = self.gaps(rows)
             out[rows] = allowed(gap).any(3).any(1)
         return out
 
@@ -244,8 +248,8 @@ def window3d_density_table(
     """Block density of ``window3d(layout, (wf, *spatial[j]))`` for every ``wf`` in ``[0, F)`` and every
     ``j``: ``[F, len(spatial)]`` (text dense). ``spatial`` must grow in both half-widths.
 
-    One pass over the segment gaps per ``wf`` instead of one mask per window, so a density search can
-    look at every window shape: each segment pair needs ``gap_f <= wf`` and a spatial index at least
+    One pass over the segment gaps instead of one mask per window, so a density search can look at
+    every window shape: each segment pair needs ``gap_f <= wf`` and a spatial index at least
     ``max(first j covering gap_h, first j covering gap_w)``.
     """
     f = _need_grid(layout)[0]
@@ -267,7 +271,7 @@ def window3d_density_table(
     chunk = max(1, min(pairs._chunk, _TABLE_ELEMENTS // (n * (f + 1))))
     for s in range(0, pairs.n, chunk):
         rows = slice(s, s + chunk)
-        gap = (pairs._gaps[rows] if pairs._gaps is not None else pairs._gaps_of(rows)).long()
+        gap = pairs.gaps(rows).long()
         spatial_gap = gap[..., 1:].clamp(max=big)  # past every half-width; the temporal gap is kept
         c = gap.shape[0]
         need_j = torch.maximum(need_h[spatial_gap[..., 0]], need_w[spatial_gap[..., 1]]).int()  # [c, k, n, k]
