@@ -23,7 +23,7 @@ def cpu_smoke(seed: int = 0) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    from .kernels import attention_reference, sparse_attention
+    from .attn_kernels import attention_reference, sparse_attention
     from .masks import TokenLayout, head_permutations, patterns
 
     torch.manual_seed(seed)
@@ -71,7 +71,7 @@ def cpu_smoke(seed: int = 0) -> list[dict]:
 
 
 BENCHMARKS = {
-    "kernels": "fastattn.bench.kernels",  # kernel speed and accuracy vs cuDNN / FA2 / FlexAttention (GPU)
+    "kernels": "fastattn.bench.kernel_speed",  # kernel speed and accuracy vs cuDNN / FA2 / FlexAttention (GPU)
     "e2e": "fastattn.bench.e2e",  # diffusers transformers at real shapes, random weights (GPU)
     "quality": "fastattn.bench.quality",  # presets and methods on the learned testbed (GPU; --tiny on CPU)
     "kvcache-quality": "fastattn.bench.kvcache_quality",  # quantized KV cache on real SmolLM2 (CPU)

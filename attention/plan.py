@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..kernels.quantize import MODES as QUANT_MODES
+from ..attn_kernels.quantize import MODES as QUANT_MODES
 from .context import AttentionContext
 from .methods import DenseConfig, MethodConfig, describe
 

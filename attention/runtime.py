@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops as kernel_ops
+from ..attn_kernels import ops as kernel_ops
 from ..masks.block_mask import BlockMask
 from ..masks.layout import TokenLayout
 from .context import AttentionContext, ForwardState, StepTracker

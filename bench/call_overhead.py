@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from fastattn.kernels import sparse_attention  # noqa: E402
+from fastattn.attn_kernels import sparse_attention  # noqa: E402
 from fastattn.masks import TokenLayout  # noqa: E402
 from fastattn.masks import patterns as P  # noqa: E402
 

@@ -11,7 +11,7 @@ import itertools
 import sys
 
 import torch
-from fastattn.kernels import attention_reference, sparse_attention
+from fastattn.attn_kernels import attention_reference, sparse_attention
 from fastattn.masks import TokenLayout, head_permutations, patterns
 
 TOL = {"none": 1e-2, "int8": 3e-2, "int8-fp8": 5e-2, "int4": 2e-1, "int4-fp8": 2e-1}

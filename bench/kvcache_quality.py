@@ -19,15 +19,8 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: drop bench/ and the repository root from sys.path, where `bench/kernels.py` and the root's
-    # `kernels/` would shadow the optional `kernels` package that transformers probes for.
-    _here = Path(__file__).resolve()
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (_here.parent, _here.parents[1])]
 
 import torch  # noqa: E402
 from fastattn.kvcache import QuantizedKVCache  # noqa: E402

@@ -5,7 +5,7 @@ A Llama-2-7B-shaped model with GQA (32 layers, hidden 4096, 32 query / 8 KV head
 filled with the same random 8,192-token K/V per layer (decode speed does not depend on the values), then
 ``--steps`` greedy decode steps are timed at batch 1 and at large, memory-bound batches. The quantized cache runs
 in both attention modes: ``fused`` (default on CUDA: transformers' SDPA call attends over the packed codes with
-:mod:`fastattn.kvcache.decode`) and ``dequantize`` (the body is dequantized into a bf16 buffer every step, then
+:mod:`fastattn.attn_kernels.kv_decode`) and ``dequantize`` (the body is dequantized into a bf16 buffer every step, then
 SDPA). Each fused record carries the cache's attention stats (fused vs dense calls) and a correctness check of
 the fused kernel against SDPA on the dequantized keys/values of the same filled cache.
 
@@ -29,11 +29,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: bench/kernels.py and the root's kernels/ would shadow the `kernels` package transformers probes.
-    _here = Path(__file__).resolve()
-    sys.path = [p for p in sys.path if Path(p or ".").resolve() not in (_here.parent, _here.parents[1])]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -113,8 +108,8 @@ def decode_tps(model, cache, batch: int, steps: int, warmup: int, device: str) -
 def attention_bench(cfg, batches, context: int, bits_list, device: str, dtype: torch.dtype) -> list[dict]:
     """One layer's decode attention alone: bf16 SDPA over dense K/V, the dequantize-then-SDPA path, and the fused
     kernel in a few tile/launch settings; milliseconds (``triton.testing.do_bench``) and bytes read per ms."""
+    from fastattn.attn_kernels.kv_decode import fused_decode_attention
     from fastattn.kvcache import QuantizedKVLayer
-    from fastattn.kvcache.decode import fused_decode_attention
     from triton.testing import do_bench
 
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 from fastattn.attention.methods import build_mask, method_from_name  # noqa: E402
-from fastattn.bench.kernels import bench_ms, env_info, rel_l2, sampled_reference, sdpa_ms  # noqa: E402
+from fastattn.bench.kernel_speed import bench_ms, env_info, rel_l2, sampled_reference, sdpa_ms  # noqa: E402
 from fastattn.masks import TokenLayout  # noqa: E402
 
 SHAPES = {  # name: (batch, heads, layout) as diffusers' attention sees them (Wan-1.3B: CFG batch 2)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the tile sweep needs a CUDA GPU")
-    from fastattn.kernels import triton_attention as TA
+    from fastattn.attn_kernels import triton_attention as TA
 
     tiles = parse_tiles(args.tiles)
     info = env_info()

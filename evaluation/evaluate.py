@@ -432,7 +432,7 @@ def _check_inputs(pipe, configs, prompts, seeds) -> tuple[list[EvalConfig], list
 
 
 def _stats_summary(handle, kernel_before: dict) -> dict:
-    from ..kernels import ops as kernel_ops
+    from ..attn_kernels import ops as kernel_ops
 
     runtimes = handle.runtimes
     total = sum(rt.stats.work_total for rt in runtimes)
@@ -651,7 +651,7 @@ def _evaluate_config(
     """One configuration: enable, (probed warm-up), timed runs compared with ``dense``, stats, disable."""
     import fastattn
 
-    from ..kernels import ops as kernel_ops
+    from ..attn_kernels import ops as kernel_ops
 
     handle = fastattn.enable(pipe, **config.enable_kwargs)
     try:

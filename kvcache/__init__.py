@@ -11,9 +11,9 @@ Public API:
 * :mod:`.evaluate`: teacher-forced / free-running comparison against the full-precision cache.
 """
 
+from ..attn_kernels.kv_pack import SUPPORTED_BITS, dequantize_packed, pack, unpack
 from .cache import QuantizedKVCache, kv_geometry, projected_layer_bytes
 from .layer import QuantizedKVLayer
-from .pack import SUPPORTED_BITS, dequantize_packed, pack, unpack
 from .prefix import PrefixKVCache
 from .quant import QuantBlock, dequantize, quantize, shrink, shrink_codes
 from .text_encoder import PromptPrefixCache, cache_prompt_prefix, template_prefix_ids

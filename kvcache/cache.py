@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from ..attn_kernels.kv_pack import check_bits
 from .layer import QuantizedKVLayer
-from .pack import check_bits
 
 try:  # transformers 5.16+
     from transformers.cache_utils import get_layer_types_and_kwargs as _hf_layer_types
@@ -144,7 +144,7 @@ class QuantizedKVCache(Cache):
     :func:`fastattn.kvcache.calibrate.allocate_budgets`); layers start at 16 bits and halve down to ``bits``.
 
     ``attention``: ``"auto"`` (default), ``"fused"`` or ``"dequantize"``: whether decode steps attend over the
-    packed codes with the fused kernel (:mod:`fastattn.kvcache.decode`; automatic on CUDA through transformers'
+    packed codes with the fused kernel (:mod:`fastattn.attn_kernels.kv_decode`; automatic on CUDA through transformers'
     default ``sdpa`` attention) or dequantize the body first; see :meth:`attention_stats`.
 
     ``key_scales``: per-layer ``[kv_heads, head_dim]`` key divisors (or ``None``), from

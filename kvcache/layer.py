@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..attn_kernels.kv_decode import fused_available
+from ..attn_kernels.kv_pack import check_bits
 from . import quant
-from .decode import fused_available
-from .pack import check_bits
 from .packed import DecodeView, PackedKV
 
 _BF16_BYTES = 2
@@ -58,8 +58,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         key_scale: optional ``[kv_heads, head_dim]`` (or ``[head_dim]``) per-channel key divisor applied before
             quantization and undone after (see :mod:`fastattn.kvcache.calibrate`).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the pack/unpack kernels.
-        attention: how a decode step reads the body. ``"fused"``: :mod:`fastattn.kvcache.decode` attends over the
-            packed codes (returned as :class:`~fastattn.kvcache.packed.PackedKV`; needs CUDA or
+        attention: how a decode step reads the body. ``"fused"``: :mod:`fastattn.attn_kernels.kv_decode` attends over the
+            packed codes (returned as :class:`~fastattn.attn_kernels.kv_packed.PackedKV`; needs CUDA or
             ``TRITON_INTERPRET=1``); ``"dequantize"``: the body is dequantized into ordinary tensors;
             ``"auto"`` (default): fused on CUDA when Triton is installed, else dequantize. Every step that does not
             run fused while a quantized body exists is counted with its reason in :meth:`attention_stats`.

@@ -5,7 +5,7 @@ and device of the dense ``[B, H, S, D]`` keys/values they stand for, so the mode
 unusual:
 
 * ``torch.nn.functional.scaled_dot_product_attention`` on them (transformers' default ``sdpa`` attention, with or
-  without its GQA packing and key-padding masks) runs :func:`~fastattn.kvcache.decode.fused_decode_attention`,
+  without its GQA packing and key-padding masks) runs :func:`~fastattn.attn_kernels.kv_decode.fused_decode_attention`,
   which reads the packed codes directly;
 * transformers' ``repeat_kv`` (``x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)``, what its
   ``sdpa`` attention does before 5.24 when there is a padding mask) stays packed: the three steps are recorded,
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from ..attn_kernels.kv_decode import fused_decode_attention, mask_to_bias
 from . import quant
-from .decode import fused_decode_attention, mask_to_bias
 
 # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pack import check_bits, dequantize_packed, pack, unpack
+from ..attn_kernels.kv_pack import check_bits, dequantize_packed, pack, unpack
 
 META_DTYPE = torch.float16  # 2 bytes each for scale and zero
 _FP16_MAX = 65504.0

@@ -16,7 +16,7 @@ import weakref
 
 from ..attention.plan import AttentionPlan
 from ..attention.runtime import AttentionRuntime
-from ..kernels import ops as kernel_ops
+from ..attn_kernels import ops as kernel_ops
 from .backend import dense_backend_fn, register_backend
 from .families import FamilyAdapter, adapter_for, supported_classes
 from .hooks import TransformerHooks, pipeline_num_steps, wrap_pipeline_reset

@@ -33,8 +33,8 @@ def test_e2e_tiny_times_schedules_and_extra_plans(tmp_path):
 def test_tile_sweep_parses_variants_and_needs_a_gpu():
     """The sweep's variant syntax maps onto the kernel's Tiles; without a GPU it stops with a clear message."""
     import torch
+    from fastattn.attn_kernels.triton_attention import Tiles
     from fastattn.bench import tile_sweep
-    from fastattn.kernels.triton_attention import Tiles
 
     assert tile_sweep.parse_tiles("128,4,3,64,0;64,8,2,0,1") == [
         (128, 4, 3, 64, False),

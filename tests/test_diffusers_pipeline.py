@@ -208,7 +208,7 @@ def test_enable_model_cpu_offload_pipeline():
     h = pipe.enable_fast_attention(method="dense")
     assert torch.equal(_call(pipe, **size), ref)
     h.disable()
-    from fastattn.kernels.ops import reset_fallback_counts
+    from fastattn.attn_kernels.ops import reset_fallback_counts
 
     reset_fallback_counts()  # process-wide counter: count only this run's
     h = pipe.enable_fast_attention(method="band", window=2)

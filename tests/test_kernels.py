@@ -9,7 +9,12 @@ import math
 
 import pytest
 import torch
-from fastattn.kernels import attention_reference, fallback_counts, reset_fallback_counts, sparse_attention
+from fastattn.attn_kernels import (
+    attention_reference,
+    fallback_counts,
+    reset_fallback_counts,
+    sparse_attention,
+)
 from fastattn.masks import (
     AXIS_ORDERS,
     BlockMask,
@@ -82,7 +87,7 @@ def test_kernel_matches_reference(layout_name, quant, reorder):
 def test_k_smoothing_vector_is_exact_whatever_it_is(monkeypatch, quant):
     """Softmax ignores a shift of K shared by all keys and the kernel adds ``q . m`` back to the LSE, so
     the strided estimate of K's mean (long sequences), or any vector at all, changes only the rounding."""
-    from fastattn.kernels import quantize as Qz
+    from fastattn.attn_kernels import quantize as Qz
 
     layout = LAYOUTS["text_prefix"]
     q, k, v = inputs(layout)
@@ -106,7 +111,7 @@ def test_k_smoothing_vector_is_exact_whatever_it_is(monkeypatch, quant):
 
 
 def test_fp8_keys_have_one_scale_per_head_from_their_extremes():
-    from fastattn.kernels import quantize as Qz
+    from fastattn.attn_kernels import quantize as Qz
 
     k = inputs(LAYOUTS["video"], heads=3)[1] * torch.linspace(0.5, 4, 64)  # channels of unequal range
     mean = Qz.k_smoothing_mean(k)
@@ -271,7 +276,7 @@ def test_all_axis_orders_are_exact_with_dense_mask():
 @pytest.mark.parametrize("reorder", [False, True])
 def test_tma_descriptor_path_matches_reference(quant, reorder):
     """The Hopper path (Q/K/V tiles through tensor descriptors) run in the interpreter."""
-    from fastattn.kernels.triton_attention import triton_attention
+    from fastattn.attn_kernels.triton_attention import triton_attention
 
     layout = TokenLayout.video(3, 4, 5, text_len=16)  # a text prefix, aligned as transposed FP8 V needs
     q, k, v = inputs(layout, batch=2)
@@ -287,7 +292,7 @@ def test_tma_descriptor_path_matches_reference(quant, reorder):
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_query_block_split_over_programs_matches_reference(quant, use_tma):
     """``Tiles.rows`` < block size: each query block is served by several programs (ragged tail included)."""
-    from fastattn.kernels.triton_attention import Tiles, triton_attention
+    from fastattn.attn_kernels.triton_attention import Tiles, triton_attention
 
     layout = TokenLayout.video(3, 4, 5, text_len=16)
     q, k, v = inputs(layout, batch=2)
@@ -304,7 +309,7 @@ def test_query_block_split_over_programs_matches_reference(quant, use_tma):
 def test_reference_block_loop_equals_masked_product(monkeypatch, quant):
     """The reference has two exact paths (one masked product for short sequences, a per-block loop for
     long ones): they agree with each other, with empty rows, and with masked SDPA."""
-    from fastattn.kernels import reference
+    from fastattn.attn_kernels import reference
 
     layout = LAYOUTS["text_prefix"]
     n = BlockMask.dense(layout, BS).num_blocks
@@ -327,7 +332,7 @@ def test_reference_block_loop_equals_masked_product(monkeypatch, quant):
 
 
 def test_fp8_without_fp8_tensor_cores_is_served_as_int8_and_says_so(monkeypatch):
-    from fastattn.kernels import ops
+    from fastattn.attn_kernels import ops
 
     layout = TokenLayout.video(2, 3, 4, text_len=4)
     q, k, v = inputs(layout)

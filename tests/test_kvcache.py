@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from fastattn.attn_kernels.kv_pack import HAS_TRITON, dequantize_packed
 from fastattn.kvcache import (
     PrefixKVCache,
     QuantizedKVCache,
@@ -21,7 +22,6 @@ from fastattn.kvcache import (
 from fastattn.kvcache import cache as kv_cache_module
 from fastattn.kvcache import calibrate as cal
 from fastattn.kvcache.evaluate import compare, reference
-from fastattn.kvcache.pack import HAS_TRITON, dequantize_packed
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 needs_triton = pytest.mark.skipif(
@@ -495,7 +495,7 @@ def test_key_scale_calibration_and_allocation():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("d", [32, 48])  # 48: not a power of two, the kernel's per-code load path
 def test_fused_decode_kernel_matches_sdpa_on_dequantized_cache(bits, d):
-    from fastattn.kvcache.decode import fused_decode_attention, mask_to_bias
+    from fastattn.attn_kernels.kv_decode import fused_decode_attention, mask_to_bias
 
     torch.manual_seed(bits)
     b, h, g, n, f, ns = 2, 2, 4, 192, 7, 3
@@ -521,7 +521,7 @@ def test_fused_decode_kernel_matches_sdpa_on_dequantized_cache(bits, d):
 
 @needs_triton
 def test_fused_decode_kernel_rejects_bad_input():
-    from fastattn.kvcache.decode import fused_decode_attention, mask_to_bias
+    from fastattn.attn_kernels.kv_decode import fused_decode_attention, mask_to_bias
 
     qk, qv = quantize(torch.randn(1, 2, 64, 16), 4, (64, 1)), quantize(torch.randn(1, 2, 64, 16), 4, (1, 16))
     fk = torch.randn(1, 2, 3, 16)
@@ -605,7 +605,7 @@ def test_auto_attention_dequantizes_on_cpu_and_says_why():
 def test_fused_decode_half_precision_is_as_close_as_the_dequantized_path():
     # The default key layout folds key scales into the query; in half precision that product is rounded to
     # fp16, which must not lose more than the unfused path's rounded keys do.
-    from fastattn.kvcache.decode import fused_decode_attention
+    from fastattn.attn_kernels.kv_decode import fused_decode_attention
 
     torch.manual_seed(0)
     b, h, g, n, d, f, ns = 2, 2, 4, 256, 64, 9, 3

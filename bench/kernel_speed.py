@@ -1,6 +1,6 @@
 """Kernel benchmark: fastattn attention vs cuDNN SDPA (and FA2, SageAttention, FlexAttention).
 
-Run on a GPU: ``python -m fastattn.bench.kernels`` (or ``fastattn bench kernels``). Writes
+Run on a GPU: ``python -m fastattn.bench.kernel_speed`` (or ``fastattn bench kernels``). Writes
 ``bench/results/kernels-<gpu>.json`` (or ``$OUT/kernels-<gpu>.json`` when ``OUT`` is set), a list of
 records ``{bench, device, torch, triton, shape, B, H, S, D, method, density, quant, reorder, ms,
 baseline, baseline_ms, speedup, fa2_ms, rel_l2, inputs}`` and prints a table.
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from fastattn.kernels import sparse_attention
-from fastattn.kernels.reference import gather_tokens
+from fastattn.attn_kernels import sparse_attention
+from fastattn.attn_kernels.reference import gather_tokens
 from fastattn.masks import BlockMask, TokenLayout, head_permutations, patterns
 
 SHAPES = {
@@ -353,8 +353,8 @@ def print_table(records):
 
 def tune(shape_name, configs, densities=(1.0, 0.25), quants=("none", "fp8")):
     """Sweep tile configs (BLOCK_N, warps, stages) and TMA on/off on one shape; prints ms and error."""
-    from fastattn.kernels import triton_attention as TA
-    from fastattn.kernels.quantize import QuantSpec
+    from fastattn.attn_kernels import triton_attention as TA
+    from fastattn.attn_kernels.quantize import QuantSpec
 
     h, layout = SHAPES[shape_name]
     q, k, v = make_inputs("random", 1, h, layout, 128, torch.bfloat16, "cuda")

@@ -11,7 +11,7 @@ that share its KV head (GQA rows ride along in one tile, so each packed byte is 
 normalized partial output with its log-sum-exp; a second kernel merges the partials.
 
 Values, and keys in the generic path, are dequantized with the formula of
-:func:`fastattn.kvcache.pack.dequantize_packed` (fp32 ``code * scale + zero``, times the calibrated key scale if
+:func:`fastattn.attn_kernels.kv_pack.dequantize_packed` (fp32 ``code * scale + zero``, times the calibrated key scale if
 any, then rounded to the model dtype): bit-identical to what the unfused path materializes. With per-channel key
 groups that no tile straddles (the default layout) the key scales are folded into the query instead,
 ``q . (c * s + z) = (q * s) . c + q . z``: algebraically the same, with ``q * s`` rounded to fp16 for bf16/fp16
@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .pack import HAS_TRITON
+from .kv_pack import HAS_TRITON
 
 if HAS_TRITON:
     import triton

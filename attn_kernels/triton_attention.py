@@ -426,7 +426,7 @@ def triton_attention(
     two_level: bool = False,
     use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel. Inputs are validated by :mod:`fastattn.kernels.ops`; this only launches."""
+    """Launch the kernel. Inputs are validated by :mod:`fastattn.attn_kernels.ops`; this only launches."""
     b, h, s, d = q.shape
     spec = Qz.QuantSpec.parse(quant)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
