@@ -11,7 +11,7 @@ from .masks import BlockMask, TokenLayout  # noqa: E402  (light: torch only)
 from .pipelines import attach_pipeline_methods as _attach_pipeline_methods  # noqa: E402
 
 # Adds pipe.enable_fast_attention / disable_fast_attention to DiffusionPipeline (only if absent) when
-# diffusers is or gets imported; FASTATTN_NO_PIPELINE_METHODS=1 opts out.
+# diffusers is already imported (fastattn.enable does it too); FASTATTN_NO_PIPELINE_METHODS=1 opts out.
 if __name__ == "fastattn":  # not when a host (pytest, ComfyUI) imports this folder under another name
     _attach_pipeline_methods()
 

@@ -1,9 +1,10 @@
-"""Where an attention call is: layer, denoising step, CFG branch and token layout.
+"""Where an attention call is: denoising step, CFG branch, noise level and token layout.
 
-The runtime sees only tensors; the adapters (``pipelines/``) fill a :class:`ForwardState` once per
-transformer forward and the runtime derives one :class:`AttentionContext` per attention call from it. Step
-and branch tracking live in :class:`StepTracker`, which follows the timestep the model receives, so it
-works for every pipeline (batched CFG, CFG as two passes, no CFG) without the pipeline's cooperation.
+Adapters hand the runtime a :class:`ForwardContext` at the start of every transformer forward (read from
+the host: diffusers' cache context, ComfyUI's ``transformer_options``, the testbed sampler's arguments) and
+get a :class:`ForwardState` back that they pass with every attention call of that forward.
+:class:`StepTracker` is the fallback for hosts that say nothing: it derives (step, branch) from the
+timesteps the model receives.
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ from ..masks.layout import TokenLayout
 
 
 @dataclass(frozen=True)
-class AttentionContext:
-    """Identity of one self-attention call.
+class ForwardContext:
+    """Where one transformer forward is, as the host adapter says (the runtime never guesses it).
 
     Args:
-        layer: index of the self-attention call within this transformer forward (0-based, in call order;
-            cross-attention calls are not counted).
-        step: denoising step index within the current pipeline call (0-based).
-        num_steps: total denoising steps when known (from the pipeline's scheduler), else ``None``.
-        cfg_branch: transformer pass within the step: 0 for the first pass (conditional in diffusers'
-            pipelines), 1 for the second (unconditional when CFG runs as two passes). Batched CFG is one
-            pass, branch 0, with both branches in the batch.
-        layout: token layout of this call (text position, latent grid).
+        layout: token layout of the joint self-attention sequence (text position, latent grid), or None
+            when the adapter cannot tell (every call then runs dense, counted).
+        step: denoising step index within the current run (0-based).
+        num_steps: total denoising steps when known, else ``None``.
+        cfg_branch: 0 for the conditional pass (or batched CFG / no CFG), 1 for the unconditional pass when
+            CFG runs as two passes.
+        sigma: the noise level of the step when the host knows it (diffusers' cache context, ComfyUI's
+            ``transformer_options["sigmas"]``).
         timestep: the timestep value the transformer received (first batch element), if any.
     """
 
-    layer: int
-    step: int
-    num_steps: int | None
-    cfg_branch: int
-    layout: TokenLayout
+    layout: TokenLayout | None
+    step: int = 0
+    num_steps: int | None = None
+    cfg_branch: int = 0
+    sigma: float | None = None
     timestep: float | None = None
 
     @property
@@ -46,13 +47,13 @@ class AttentionContext:
 
 @dataclass
 class ForwardState:
-    """What one transformer forward tells the runtime (set by the adapter's root hook)."""
+    """Per-forward bookkeeping of one runtime: the context and the self-attention calls served so far.
 
-    layout: TokenLayout | None
-    step: int
-    num_steps: int | None
-    cfg_branch: int
-    timestep: float | None
+    One per transformer forward, owned by whoever runs that forward (a thread, a ComfyUI sampling call), so
+    two forwards of different models, or of one model in two threads, never share a layer counter.
+    """
+
+    ctx: ForwardContext
     layer_counter: int = 0
 
 

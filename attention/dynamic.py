@@ -16,7 +16,7 @@ import torch
 
 from ..masks.block_mask import BlockMask
 from ..masks.layout import BlockGeometry, TokenLayout
-from .methods import DynamicConfig
+from ..plans.methods import DynamicConfig
 
 _GEOM_CACHE: dict = {}
 

@@ -1,40 +1,37 @@
-"""The runtime: per attention call, decide dense or sparse, build/cached masks, call the kernels.
+"""The runtime: per attention call, decide dense or sparse, build and cache per-head work, call the kernels.
 
-One :class:`AttentionRuntime` exists per enabled transformer. The adapter calls :meth:`begin_forward` at
-the start of every transformer forward (layout, timestep) and :meth:`end_forward` at its end; in between,
-every attention call of that model reaches :func:`runtime_attention` (a ``torch.library`` custom op, so a
-compiled graph holds one opaque node per call and nothing per layer: no recompiles per layer, and the
-Python decisions below always run eagerly, so stats stay right under ``torch.compile``).
+One :class:`AttentionRuntime` exists per enabled transformer. For every transformer forward the adapter
+hands over a :class:`~fastattn.attention.context.ForwardContext` (step, step count, CFG branch, sigma,
+token layout) and gets a :class:`~fastattn.attention.context.ForwardState` back; it passes that state
+with every self-attention call of the forward to :meth:`AttentionRuntime.attend`. Nothing here is a
+process global: two models, or two threads, each carry their own state.
 
-The layer index is the order of self-attention calls within the forward. Cross-attention calls
-(``S_q != S_kv``) are served dense and counted as fallbacks.
+The runtime knows no host. It reads the plan (:mod:`fastattn.plans`), builds per-head work once per
+(method row, layout) — block masks, PARO permutations, bit-width groups, head reuse — and calls the
+kernel layer, whose fallbacks come back as values and are counted with their reasons.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..attn_kernels import ops as kernel_ops
+from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..masks.block_mask import BlockMask
-from ..masks.layout import TokenLayout
-from .context import AttentionContext, ForwardState, StepTracker
+from ..masks.layout import AXIS_ORDERS, TokenLayout
+from ..masks.permutations import head_permutations
+from ..plans.methods import DenseConfig, MethodConfig, build_mask
+from ..plans.schema import AttentionPlan
+from .context import ForwardContext, ForwardState
 from .dynamic import select_blocks
-from .methods import build_mask
-from .plan import AttentionPlan
+from .observe import ObservedCall
 from .stats import AttentionStats
-
-# Calls that reached the op with no enabled model running (e.g. the backend selected by hand).
-ORPHAN_FALLBACKS: Counter = Counter()
-
-_current: AttentionRuntime | None = None
-
-
-def current_runtime() -> AttentionRuntime | None:
-    return _current
 
 
 def sdpa_dense(query, key, value, attn_mask=None, scale=None):
@@ -46,20 +43,29 @@ def sdpa_dense(query, key, value, attn_mask=None, scale=None):
     return out.permute(0, 2, 1, 3)
 
 
-class MaskCache:
-    """Structural masks keyed by (method config, layout, block size): built once, reused by every layer
-    and step with the same layout."""
+def kernel_attention(q, k, v, mask, *, scale=None, quant="none", perm=None):
+    """The kernel layer's block-sparse attention: ``(out, fallback reason or None)``."""
+    before = kernel_ops.fallback_counts()
+    out = kernel_ops.sparse_attention(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+    after = kernel_ops.fallback_counts()
+    changed = [r for r, n in after.items() if n != before.get(r, 0)]
+    return out, (changed[0] if changed else None)
 
-    def __init__(self, max_entries: int = 32):
+
+class MaskCache:
+    """Structural masks keyed by (method config, layout, block size): built once, reused by every layer,
+    head and step with the same layout."""
+
+    def __init__(self, max_entries: int = 64):
         self._masks: OrderedDict = OrderedDict()
         self.max_entries = max_entries
         self.builds = 0
 
-    def get(self, plan: AttentionPlan, layout: TokenLayout) -> BlockMask:
-        key = (plan.method, layout, plan.block_size)
+    def get(self, method: MethodConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+        key = (method, layout, block_size)
         mask = self._masks.get(key)
         if mask is None:
-            mask = build_mask(plan.method, layout, plan.block_size)
+            mask = build_mask(method, layout, block_size)
             self.builds += 1
             self._masks[key] = mask
             if len(self._masks) > self.max_entries:
@@ -72,15 +78,38 @@ class MaskCache:
         self._masks.clear()
 
 
+@dataclass(frozen=True)
+class HeadWork:
+    """What one self-attention call computes, per head (built once per table row and layout).
+
+    Args:
+        mask: ``[1, H, nQ, maxK]`` block lists (head-shared ``[.., 1, ..]`` for a uniform plan).
+        perm: ``[H, S]`` token permutation (PARO axis orders) or None.
+        groups: ``(quant mode, head indices or None for all heads)`` — one kernel call per bit-width, for
+            the heads computed when the reused heads have a cached output.
+        all_groups: the same for every head (when nothing is cached yet).
+        reuse: bool ``[H]`` of heads that return their cached output, or None.
+        all_dense: every head runs the model's exact dense attention (no kernel needed).
+    """
+
+    mask: BlockMask
+    perm: torch.Tensor | None
+    groups: tuple[tuple[str, torch.Tensor | None], ...]
+    all_groups: tuple[tuple[str, torch.Tensor | None], ...]
+    reuse: torch.Tensor | None = None
+    all_dense: bool = False
+
+
 class AttentionRuntime:
-    """Runs one transformer's attention under an :class:`AttentionPlan`.
+    """Runs one transformer's attention under an :class:`~fastattn.plans.AttentionPlan`.
 
     Args:
         plan: what to run.
         num_layers: self-attention calls per forward (resolves negative ``dense_layers``).
         dense_fn: exact dense attention ``(query, key, value, attn_mask, scale) -> out`` on ``[B, S, H, D]``
             (the host's own dense backend, so a dense plan reproduces the unpatched model bit for bit).
-        num_steps: callable returning the denoising step count of the running pipeline call, or None.
+        sparse_fn: the block-sparse kernel ``(q, k, v, mask, scale=, quant=, perm=) -> (out, fallback)``;
+            tests may swap in a masked-dense oracle.
     """
 
     def __init__(
@@ -88,179 +117,295 @@ class AttentionRuntime:
         plan: AttentionPlan,
         num_layers: int | None = None,
         dense_fn: Callable = sdpa_dense,
-        num_steps: Callable[[], int | None] | None = None,
         sparse_fn: Callable | None = None,
     ):
         self.plan = plan
         self.num_layers = num_layers
         self.dense_fn = dense_fn
-        self.num_steps = num_steps or (lambda: None)
-        # The block-sparse kernel; tests may swap in a masked-dense oracle.
-        self.sparse_fn = sparse_fn or kernel_ops.sparse_attention
-        self.tracker = StepTracker()
+        self.sparse_fn = sparse_fn or kernel_attention
         self.stats = AttentionStats()
         self.masks = MaskCache()
-        self.state: ForwardState | None = None
+        self._head_work: OrderedDict = OrderedDict()
         # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
         # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask).
         self.selections: dict[tuple[int, int], tuple] = {}
-        self._outer: AttentionRuntime | None = None
+        # Head-wise reuse (plan.heads.reuse): (layer, CFG pass) -> the layer's last output [B, H, S, D].
+        self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._observers: list[Callable[[ObservedCall], None]] = []
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
-    def begin_forward(self, layout: TokenLayout | None, timestep: float | None) -> None:
-        global _current
-        step, branch = self.tracker.advance(timestep)
-        self.state = ForwardState(layout, step, self.num_steps(), branch, timestep)
-        if step == 0 and branch == 0:
-            self.residuals.clear()  # a new run: residuals of the last one describe other latents
-            self.selections.clear()
-        self._outer, _current = _current, self
+    def begin_forward(self, ctx: ForwardContext) -> ForwardState:
+        """Start one transformer forward; pass the returned state with every attention call of it."""
+        if not isinstance(ctx, ForwardContext):
+            raise TypeError(f"begin_forward takes a ForwardContext, got {type(ctx).__name__}")
+        if ctx.step == 0 and ctx.cfg_branch == 0:
+            self.reset_run()  # a new run: caches of the last one describe other latents
+        return ForwardState(ctx)
 
-    def end_forward(self) -> None:
-        global _current
-        if self.state is not None:
-            self.stats.forwards += 1
-            self.stats.layers_per_forward = self.state.layer_counter
-        self.state = None
-        _current, self._outer = self._outer, None
+    def end_forward(self, state: ForwardState) -> None:
+        self.stats.forwards += 1
+        self.stats.layers_per_forward = state.layer_counter
+        if self.num_layers and state.layer_counter not in (0, self.num_layers):
+            self.stats.notes[
+                f"forward served {state.layer_counter} self-attention calls, the model has {self.num_layers} "
+                "layers (layer indices of dense_layers / head tables may be off)"
+            ] += 1
 
     def reset_run(self) -> None:
-        """End of a pipeline call: the next forward is step 0 of a new run."""
-        self.tracker.reset()
+        """A new denoising run: drop what the last one cached (residuals, selections, head outputs)."""
         self.residuals.clear()
         self.selections.clear()
+        self.head_outputs.clear()
+
+    def clear(self) -> None:
+        """Drop every cache (on disable)."""
+        self.reset_run()
+        self.masks.clear()
+        self._head_work.clear()
 
     def residual_bytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.residuals.values())
 
+    def cache_bytes(self) -> int:
+        return self.residual_bytes() + sum(t.numel() * t.element_size() for t in self.head_outputs.values())
+
+    def add_observer(self, fn: Callable[[ObservedCall], None]) -> Callable[[], None]:
+        """Call ``fn(ObservedCall)`` after every call the method serves through the kernel; returns the
+        function that removes it (the eval probe and calibration observe this way)."""
+        self._observers.append(fn)
+
+        def remove():
+            if fn in self._observers:
+                self._observers.remove(fn)
+
+        return remove
+
     # ------------------------------------------------------------------ one attention call
-    def _layout_for(self, seq_len: int) -> TokenLayout | None:
-        lay = self.state.layout if self.state is not None else None
-        if lay is None:
+    def _layout_for(self, layout: TokenLayout | None, seq_len: int) -> TokenLayout | None:
+        if layout is None:
             return None
-        if seq_len == lay.seq_len:
-            return lay
-        if seq_len == lay.image_len and lay.text_len:
-            return TokenLayout(seq_len, 0, True, lay.grid)  # image-only attention (e.g. SD3.5 attn2)
+        if seq_len == layout.seq_len:
+            return layout
+        if seq_len == layout.image_len and layout.text_len:
+            return TokenLayout(seq_len, 0, True, layout.grid)  # image-only attention (e.g. SD3.5 attn2)
         return None
 
     def _dense(self, query, key, value, attn_mask, scale, reason: str, planned: bool, work: float):
         self.stats.add_dense(reason, work, planned)
         return self.dense_fn(query, key, value, attn_mask, scale)
 
-    def attend(self, query, key, value, attn_mask=None, scale=None) -> torch.Tensor:
-        """Attention on diffusers-layout tensors ``[B, S, H, D]``; returns ``[B, S, H, D]``."""
+    def attend(
+        self, state: ForwardState | None, query, key, value, attn_mask=None, scale=None, layer: int | None = None
+    ) -> torch.Tensor:
+        """Self-attention of one layer on ``[B, S, H, D]`` tensors; returns ``[B, S, H, D]``.
+
+        ``layer``: the call's self-attention layer index when the adapter knows it; else the calls of this
+        forward are numbered in order. Calls with ``S_q != S_kv`` run dense (counted): adapters route only
+        self-attention here, this is the safety net.
+        """
         b, s, h, _ = query.shape
         s_kv = key.shape[1]
         work = float(b * h * s * s_kv)
-        if s_kv != s:
-            return self._dense(
-                query, key, value, attn_mask, scale, "cross-attention (S_q != S_kv)", False, work
-            )
-        if self.state is None:
+        if state is None:
             return self._dense(query, key, value, attn_mask, scale, "no forward context", False, work)
-        layer = self.state.layer_counter
-        self.state.layer_counter += 1
-        layout = self._layout_for(s)
+        if s_kv != s:
+            return self._dense(query, key, value, attn_mask, scale, "cross-attention (S_q != S_kv)", False, work)
+        if layer is None:
+            layer = state.layer_counter
+        state.layer_counter += 1
+        ctx = state.ctx
+        layout = self._layout_for(ctx.layout, s)
         if layout is None:
-            known = self.state.layout.seq_len if self.state.layout is not None else None
+            known = ctx.layout.seq_len if ctx.layout is not None else None
             reason = f"sequence length {s} does not match the model's token layout ({known})"
             return self._dense(query, key, value, attn_mask, scale, reason, False, work)
-        st = self.state
-        ctx = AttentionContext(layer, st.step, st.num_steps, st.cfg_branch, layout, st.timestep)
         plan = self.plan
-        planned = plan.dense_reason(ctx, self.num_layers)
-        capture_now = plan.residual and planned == "dense_steps" and ctx.step == plan.dense_steps - 1
+        planned = plan.dense_reason(layer, self.num_layers, ctx.step, ctx.num_steps)
+        capture_now = (
+            plan.residual
+            and planned == "dense_steps"
+            and ctx.step == plan.dense_steps_for(ctx.num_steps) - 1
+        )
         if planned is not None and not capture_now:
             return self._dense(query, key, value, attn_mask, scale, planned, True, work)
         if query.dtype == torch.float32 and query.is_cuda:
             return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work)
+        call = _Call(ctx, layer, layout, scale, work)
         if not plan.residual:
-            return self._method(query, key, value, attn_mask, scale, layout, work, ctx=ctx)
-        return self._with_residual(query, key, value, attn_mask, scale, layout, work, ctx, capture_now)
+            return self._method(query, key, value, attn_mask, call)
+        return self._with_residual(query, key, value, attn_mask, call, capture_now)
 
-    def _with_residual(self, query, key, value, attn_mask, scale, layout, work, ctx, capture_now):
+    def _with_residual(self, query, key, value, attn_mask, call, capture_now):
         """WA-RS: capture ``R = dense - sparse`` at exact steps, return ``sparse + R`` in between."""
-        slot = (ctx.layer, ctx.cfg_branch)
+        slot = (call.layer, call.ctx.cfg_branch)
         r = self.residuals.get(slot)
-        action = "capture" if capture_now else self.plan.residual_action(ctx)
+        action = "capture" if capture_now else self.plan.residual_action(call.ctx.step, call.ctx.num_steps)
         if action == "apply" and (r is None or r.shape != query.shape[:3] + value.shape[-1:]):
             action = "capture"  # nothing (or a stale shape) to apply: this call runs exact
         if action == "capture":
-            sparse = self._method(query, key, value, attn_mask, scale, layout, work, count=False, ctx=ctx)
-            dense = self._dense(query, key, value, attn_mask, scale, "residual capture (WA-RS)", True, work)
+            sparse = self._method(query, key, value, attn_mask, call, count=False)
+            dense = self._dense(
+                query, key, value, attn_mask, call.scale, "residual capture (WA-RS)", True, call.work
+            )
             self.residuals[slot] = dense - sparse
             self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
             return dense
-        return self._method(query, key, value, attn_mask, scale, layout, work, ctx=ctx) + r
+        return self._method(query, key, value, attn_mask, call) + r
 
-    def _method(self, query, key, value, attn_mask, scale, layout, work, count: bool = True, ctx=None):
+    def _method(self, query, key, value, attn_mask, call, count: bool = True):
         """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
         b, s = query.shape[:2]
         keep = None
         if attn_mask is not None:
-            keep, why = _key_padding(attn_mask, b, s, layout)
+            keep, why = _key_padding(attn_mask, b, s, call.layout)
             if why is not None:
                 if not count:
-                    return self.dense_fn(query, key, value, attn_mask, scale)
-                return self._dense(query, key, value, attn_mask, scale, why, False, work)
+                    return self.dense_fn(query, key, value, attn_mask, call.scale)
+                return self._dense(query, key, value, attn_mask, call.scale, why, False, call.work)
+        work = self._work_for(call)
+        if work is not None and work.all_dense:
+            reason = "method dense (head table)"
+            if not count:
+                return self.dense_fn(query, key, value, attn_mask, call.scale)
+            return self._dense(query, key, value, attn_mask, call.scale, reason, True, call.work)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D] views, no copy
         if keep is None:
-            out = self._sparse(q, k, v, layout, scale, work, count, ctx)
+            out = self._sparse(q, k, v, call, work, count)
         else:
-            out = self._sparse_key_padding(q, k, v, keep, layout, scale, work, count)
+            out = self._sparse_key_padding(q, k, v, keep, call, count)
         return out.transpose(1, 2)
 
-    def _sparse(self, q, k, v, layout, scale, work, count: bool = True, ctx=None):
+    # ------------------------------------------------------------------ per-head work
+    def _work_for(self, call) -> HeadWork | None:
+        """The call's per-head work from the plan's head table (None: one method for every head)."""
+        table = self.plan.heads
+        if table is None:
+            return None
+        group = table.group_of(call.ctx.step, call.ctx.num_steps)
+        row = table.heads_at(group, call.layer)
+        key = (row, call.layout)
+        work = self._head_work.get(key)
+        if work is None:
+            work = self._build_work(row, call.layout)
+            self._head_work[key] = work
+            if len(self._head_work) > 256:
+                self._head_work.popitem(last=False)
+        return work
+
+    def _build_work(self, row, layout: TokenLayout) -> HeadWork:
+        table, bs = self.plan.heads, self.plan.block_size
+        masks, orders, quants, reuse = [], [], [], []
+        for method_i, order_i, quant_i, reuse_h in row:
+            cfg = table.methods[method_i]
+            order = AXIS_ORDERS[order_i]
+            if order != "FHW" and "order" in {f.name for f in dataclasses.fields(cfg)}:
+                cfg = dataclasses.replace(cfg, order=order)  # the window in grid coordinates, reordered
+            masks.append(self.masks.get(cfg, layout, bs))
+            orders.append(order)
+            quants.append(self.plan.quant if quant_i < 0 else QUANT_MODES[quant_i])
+            reuse.append(bool(reuse_h))
+        all_dense = all(isinstance(table.methods[m], DenseConfig) for m, *_ in row) and set(quants) == {"none"}
+        mask = BlockMask.stack_heads(masks) if len(set(map(id, masks))) > 1 else masks[0]
+        perm = head_permutations(layout, orders) if any(o != "FHW" for o in orders) else None
+        return HeadWork(
+            mask,
+            perm,
+            _quant_groups(quants, reuse),
+            _quant_groups(quants, [False] * len(quants)),
+            torch.tensor(reuse) if any(reuse) else None,
+            all_dense and not any(reuse),
+        )
+
+    def _sparse(self, q, k, v, call, work: HeadWork | None, count: bool = True):
         plan = self.plan
-        if plan.method.dynamic:
-            mask = self._selection(q, k, layout, scale, ctx)
+        if work is None:
+            mask = self._selection(q, k, call) if plan.method.dynamic else self.masks.get(
+                plan.method, call.layout, plan.block_size
+            )
+            out, fallback = self._kernel(q, k, v, mask, call.scale, plan.quant, None)
+            density = mask.block_density_tensor() if plan.method.dynamic else mask.block_density()
         else:
-            mask = self.masks.get(plan, layout)
-        if plan.quant != "none" and not q.is_cuda:
-            # The CPU reference's quantizer views q/k as contiguous (kernels/quantize.py); the GPU kernel
-            # takes any strides. Copy only on the CPU path.
-            q, k, v = (x.contiguous() for x in (q, k, v))
-        before = kernel_ops.fallback_counts()
-        out = self.sparse_fn(q, k, v, mask, scale=scale, quant=plan.quant)
-        after = kernel_ops.fallback_counts()
-        kernel = {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0)}
+            out, fallback, density = self._per_head(q, k, v, call, work)
         if not count:
             return out  # the companion sparse call of a residual capture, which counts as one dense call
-        if kernel:
-            for reason, n in kernel.items():
-                self.stats.add_dense(f"kernel: {reason}", work / max(1, sum(kernel.values())) * n, False)
+        if fallback is not None:
+            self.stats.add_dense(f"kernel: {fallback}", call.work, False)
         else:
-            density = mask.block_density_tensor() if plan.method.dynamic else mask.block_density()
-            self.stats.add_sparse(work, density)
+            self.stats.add_sparse(call.work, density)
+            if self._observers:
+                seen = ObservedCall(call.ctx, call.layer, q, k, v, out, call.scale, density, plan.quant)
+                for fn in list(self._observers):
+                    fn(seen)
         return out
 
-    def _selection(self, q, k, layout, scale, ctx) -> BlockMask:
+    def _kernel(self, q, k, v, mask, scale, quant, perm):
+        if quant != "none" and not q.is_cuda:
+            # The CPU reference's quantizer views q/k as contiguous; the GPU kernel takes any strides.
+            q, k, v = (x.contiguous() for x in (q, k, v))
+        return self.sparse_fn(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+
+    def _per_head(self, q, k, v, call, work: HeadWork):
+        """Run a head table's row: one kernel call per bit-width group, reused heads from the cache."""
+        slot = (call.layer, call.ctx.cfg_branch)
+        reuse, groups = work.reuse, work.groups
+        cached = self.head_outputs.get(slot) if reuse is not None else None
+        if reuse is not None and (cached is None or cached.shape != q.shape[:3] + v.shape[-1:]):
+            self.stats.notes["head reuse with nothing cached yet: computed"] += 1
+            reuse, groups = None, work.all_groups
+        out = torch.empty(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device) if (
+            len(groups) != 1 or groups[0][1] is not None
+        ) else None
+        fallback = None
+        computed = torch.zeros(q.shape[1], dtype=torch.bool)
+        for mode, idx in groups:
+            if idx is None:
+                out, fallback = self._kernel(q, k, v, work.mask, call.scale, mode, work.perm)
+                computed[:] = True
+                continue
+            sub = [x.index_select(1, idx.to(x.device)) for x in (q, k, v)]
+            mask = _select_heads(work.mask, idx)
+            perm = None if work.perm is None else work.perm[idx]
+            part, why = self._kernel(*sub, mask, call.scale, mode, perm)
+            fallback = fallback or why
+            out.index_copy_(1, idx.to(out.device), part)
+            computed[idx] = True
+        if reuse is not None:
+            heads = reuse.nonzero().flatten()
+            out.index_copy_(1, heads.to(out.device), cached.index_select(1, heads.to(cached.device)))
+            self.stats.head_reuses += int(heads.numel())
+        if self.plan.heads.reuses_anywhere(call.layer):
+            self.head_outputs[slot] = out.detach()
+        density = _computed_density(work.mask, computed, q.shape[1])
+        return out, fallback, density
+
+    def _selection(self, q, k, call) -> BlockMask:
         """The dynamic block selection for this call: computed, or reused from an earlier step of the same layer
         and CFG pass (``reuse_steps``) when the layout and shapes are unchanged."""
         cfg = self.plan.method
-        slot = (ctx.layer, ctx.cfg_branch) if ctx is not None and cfg.reuse_steps > 1 else None
+        ctx = call.ctx
+        slot = (call.layer, ctx.cfg_branch) if cfg.reuse_steps > 1 else None
         if slot is not None:
             hit = self.selections.get(slot)
             if hit is not None:
                 step, lay, shape, mask = hit
-                if lay == layout and shape == q.shape and 0 <= ctx.step - step < cfg.reuse_steps:
+                if lay == call.layout and shape == q.shape and 0 <= ctx.step - step < cfg.reuse_steps:
                     self.stats.selection_reuses += 1
                     return mask
-        mask = select_blocks(q, k, layout, cfg, self.plan.block_size, scale)
+        mask = select_blocks(q, k, call.layout, cfg, self.plan.block_size, call.scale)
         self.stats.selections += 1
         if slot is not None:
-            self.selections[slot] = (ctx.step, layout, q.shape, mask)
+            self.selections[slot] = (ctx.step, call.layout, q.shape, mask)
         return mask
 
-    def _sparse_key_padding(self, q, k, v, keep, layout, scale, work, count: bool = True):
+    def _sparse_key_padding(self, q, k, v, keep, call, count: bool = True):
         """Exact attention under a key-padding mask: sparse over the kept tokens, dense for dropped rows.
 
         Dropped tokens are text padding: the kept tokens form a shorter layout with fewer text tokens;
         query rows of dropped tokens read every kept key, as the masked dense model computes them.
         """
+        layout = call.layout
         out = torch.empty_like(q)
         rows = (
             [slice(0, q.shape[0])]
@@ -273,14 +418,56 @@ class AttentionRuntime:
             drop_text = layout.seq_len - n_keep
             sub = TokenLayout(n_keep, layout.text_len - drop_text, layout.text_first, layout.grid)
             qk, kk, vk = (x[sl].index_select(2, idx) for x in (q, k, v))
-            out[sl].index_copy_(
-                2, idx, self._sparse(qk, kk, vk, sub, scale, work * n_keep**2 / layout.seq_len**2, count)
-            )
+            sub_call = dataclasses.replace(call, layout=sub, work=call.work * n_keep**2 / layout.seq_len**2)
+            out[sl].index_copy_(2, idx, self._sparse(qk, kk, vk, sub_call, self._work_for(sub_call), count))
             if drop_text:
                 dropped = (~keep[sl.start]).nonzero().flatten()
                 qd = q[sl].index_select(2, dropped)
-                out[sl].index_copy_(2, dropped, F.scaled_dot_product_attention(qd, kk, vk, scale=scale))
+                out[sl].index_copy_(2, dropped, F.scaled_dot_product_attention(qd, kk, vk, scale=call.scale))
         return out
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One self-attention call as the runtime sees it."""
+
+    ctx: ForwardContext
+    layer: int
+    layout: TokenLayout
+    scale: float | None
+    work: float  # score entries B * H * S_q * S_kv
+
+
+def _quant_groups(quants: list[str], skip: list[bool]) -> tuple[tuple[str, torch.Tensor | None], ...]:
+    """``(mode, head indices)`` per bit-width over the heads not skipped (``None``: every head)."""
+    groups = []
+    for mode in dict.fromkeys(quants):
+        idx = [i for i, m in enumerate(quants) if m == mode and not skip[i]]
+        if idx:
+            groups.append((mode, None if len(idx) == len(quants) else torch.tensor(idx)))
+    return tuple(groups)
+
+
+def _select_heads(mask: BlockMask, idx: torch.Tensor) -> BlockMask:
+    """The mask's rows for heads ``idx`` (a head-shared mask serves any subset as is)."""
+    counts, indices = mask.kv_counts, mask.kv_indices
+    if counts.dim() < 3 or counts.shape[-2] == 1:
+        return mask
+    i = idx.to(counts.device)
+    return BlockMask(
+        counts.index_select(-2, i).contiguous(), indices.index_select(-3, i).contiguous(), mask.layout, mask.block_size
+    )
+
+
+def _computed_density(mask: BlockMask, computed: torch.Tensor, heads: int) -> float:
+    """Block density over all heads, counting heads that were not computed (reused) as zero work."""
+    counts = mask.kv_counts.float()
+    n = mask.num_blocks
+    if counts.dim() >= 3 and counts.shape[-2] == heads:
+        per_head = counts.mean(dim=tuple(d for d in range(counts.dim()) if d != counts.dim() - 2)) / n
+    else:
+        per_head = torch.full((heads,), float(counts.mean()) / n)
+    return float((per_head.cpu() * computed.float()).sum() / heads)
 
 
 def _key_padding(attn_mask: torch.Tensor, b: int, s: int, layout: TokenLayout):
@@ -301,30 +488,3 @@ def _key_padding(attn_mask: torch.Tensor, b: int, s: int, layout: TokenLayout):
     if bool(keep.all()):
         return None, None  # nothing masked: plain sparse call
     return keep, None
-
-
-# ---------------------------------------------------------------------------------------- custom op
-
-
-@torch.library.custom_op("fastattn::runtime_attention", mutates_args=())
-def runtime_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
-    """Attention of the running fastattn model on ``[B, S, H, D]`` tensors (opaque to torch.compile)."""
-    rt = _current
-    if rt is None:
-        ORPHAN_FALLBACKS["no enabled model is running"] += 1
-        out = sdpa_dense(query, key, value, attn_mask, scale)
-    else:
-        out = rt.attend(query, key, value, attn_mask, scale)
-    return out.contiguous()
-
-
-@runtime_attention.register_fake
-def _(query, key, value, attn_mask, scale):
-    b, s, h, _ = query.shape
-    return query.new_empty((b, s, h, value.shape[-1]))

@@ -23,6 +23,8 @@ class AttentionStats:
     pending_work: torch.Tensor | None = None  # device-side sum of dynamic masks' computed work
     selections: int = 0  # dynamic block selections computed
     selection_reuses: int = 0  # dynamic calls that reused an earlier step's selection (reuse_steps)
+    head_reuses: int = 0  # heads that returned their cached output (head table reuse)
+    notes: Counter = field(default_factory=Counter)  # what the runtime noticed (layer count mismatches...)
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
         self.calls += 1
@@ -72,4 +74,6 @@ class AttentionStats:
             "layers_per_forward": self.layers_per_forward,
             "selections": self.selections,
             "selection_reuses": self.selection_reuses,
+            "head_reuses": self.head_reuses,
+            "notes": dict(self.notes),
         }

@@ -24,9 +24,9 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
 
 import torch  # noqa: E402
-from fastattn.attention.methods import build_mask, method_from_name  # noqa: E402
 from fastattn.bench.kernel_speed import bench_ms, env_info, rel_l2, sampled_reference, sdpa_ms  # noqa: E402
 from fastattn.masks import TokenLayout  # noqa: E402
+from fastattn.plans.methods import build_mask, method_from_name  # noqa: E402
 
 SHAPES = {  # name: (batch, heads, layout) as diffusers' attention sees them (Wan-1.3B: CFG batch 2)
     "wan1.3b": (2, 12, TokenLayout.video(21, 30, 52)),

@@ -71,7 +71,7 @@ def parse_spec(spec: str, kind: str | None = None) -> EvalConfig:
     ``kind`` is ``"preset"``, ``"method"`` or ``None`` (a known method name is a method, anything else a
     preset). Raises ``ValueError`` naming the expected form.
     """
-    from ..attention.methods import METHODS
+    from ..plans.methods import METHODS
 
     if kind not in (None, *KINDS):
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")

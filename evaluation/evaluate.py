@@ -374,9 +374,9 @@ def pipeline_info(pipe, source: str | None = None) -> dict:
 def validate_configs(pipe, configs: Sequence[EvalConfig]) -> None:
     """Build every configuration's plan for every transformer of ``pipe`` before anything runs; errors
     are fastattn's own (they list the valid presets / methods), prefixed with the configuration."""
-    from ..api import make_plan
     from ..pipelines.families import adapter_for
     from ..pipelines.integration import find_transformers
+    from ..plans.build import make_plan
 
     try:
         models, _ = find_transformers(pipe)

@@ -1,14 +1,13 @@
 """diffusers integration: backend registration, family adapters, hooks, and the pipeline methods.
 
 ``attach_pipeline_methods()`` adds ``enable_fast_attention`` / ``disable_fast_attention`` to diffusers'
-``DiffusionPipeline`` *only if absent*, and only once diffusers is imported: if it already is, now;
-otherwise a tiny import hook does it when ``diffusers.pipelines.pipeline_utils`` finishes loading. So
-``import fastattn`` never imports diffusers. Set ``FASTATTN_NO_PIPELINE_METHODS=1`` to opt out.
+``DiffusionPipeline`` *only if absent*, and only if diffusers is already imported: ``import fastattn``
+calls it (after ``import diffusers`` the methods are there), and so does every ``fastattn.enable``. No
+import hook, and ``import fastattn`` never imports diffusers. ``FASTATTN_NO_PIPELINE_METHODS=1`` opts out.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 
@@ -41,48 +40,16 @@ def _attach(module) -> bool:
     return True
 
 
-class _AttachOnImport(importlib.abc.MetaPathFinder):
-    """Runs ``_attach`` right after diffusers' pipeline_utils module executes, then removes itself."""
-
-    # Recognised by this marker, not by class identity: a second copy of this module (the package
-    # imported under another name) must not install a finder that recurses into this one.
-    _fastattn_attach_finder = True
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET_MODULE:
-            return None
-        for finder in sys.meta_path:
-            if getattr(finder, "_fastattn_attach_finder", False) or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                loader = spec.loader
-                original = loader.exec_module
-
-                def exec_module(module, _original=original):
-                    _original(module)
-                    _attach(module)
-                    _remove_finder()
-
-                loader.exec_module = exec_module
-                return spec
-        return None
-
-
-def _remove_finder() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "_fastattn_attach_finder", False)]
-
-
 def attach_pipeline_methods() -> bool:
-    """Add the pipeline methods now if diffusers is loaded, else when it is. Returns True if attached now."""
+    """Add the pipeline methods if diffusers is loaded (``import fastattn`` and every ``fastattn.enable``
+    call this). Returns True when they are attached."""
     if os.environ.get(OPT_OUT_ENV) == "1":
         return False
-    mod = sys.modules.get(_TARGET_MODULE)
-    if mod is not None:
-        return _attach(mod)
-    if not any(getattr(f, "_fastattn_attach_finder", False) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AttachOnImport())
-    return False
+    if "diffusers" not in sys.modules:
+        return False  # never import diffusers for the user
+    import importlib
+
+    return _attach(importlib.import_module(_TARGET_MODULE))
 
 
 def __getattr__(name):

@@ -6,18 +6,26 @@ member to it by hand (the way ``str, Enum`` members are built) and register our 
 idempotent registration, a diffusers version guard (``FASTATTN_ALLOW_UNTESTED_DIFFUSERS=1`` relaxes it
 to a warning) and a clear error when the private internals we rely on changed.
 
-The backend receives only tensors; which model, layer and step a call belongs to is known by the
-runtime the adapter's hooks activated (see ``attention/runtime.py``).
+The backend receives only tensors. Which model and forward a call belongs to is what the transformer's
+context hook (``hooks.py``) put in :data:`ACTIVE` for the running forward: a context variable, so each
+thread (and each asyncio task) sees its own forward — two pipelines in two threads never mix.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
+from contextvars import ContextVar
 
 import torch
 
-from ..attention.runtime import runtime_attention, sdpa_dense
+from ..attention.runtime import sdpa_dense
+
+# (runtime, forward state) of the transformer forward running in this thread / task, or None.
+ACTIVE: ContextVar = ContextVar("fastattn_active_forward", default=None)
+# Calls that reached the backend with no enabled model running (e.g. the backend selected by hand).
+ORPHAN_FALLBACKS: Counter = Counter()
 
 BACKEND_NAME = "fastattn_sparse"
 TESTED_DIFFUSERS = ((0, 42), (0, 43))  # [min, max) of major.minor
@@ -121,14 +129,41 @@ def fastattn_attention(
 
 @torch.compiler.disable
 def _count_unsupported(reason: str, query, key) -> None:
-    from ..attention.runtime import ORPHAN_FALLBACKS, current_runtime
-
-    rt = current_runtime()
+    active = ACTIVE.get()
     b, s, h, _ = query.shape
-    if rt is None:
+    if active is None:
         ORPHAN_FALLBACKS[reason] += 1
     else:
-        rt.stats.add_dense(reason, float(b * h * s * key.shape[1]), planned=False)
+        active[0].stats.add_dense(reason, float(b * h * s * key.shape[1]), planned=False)
+
+
+@torch.library.custom_op("fastattn::runtime_attention", mutates_args=())
+def runtime_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Attention of the running fastattn forward on ``[B, S, H, D]`` tensors.
+
+    A ``torch.library`` custom op, so a compiled graph holds one opaque node per call and nothing per
+    layer (no recompiles per layer), and the runtime's Python decisions always run eagerly.
+    """
+    active = ACTIVE.get()
+    if active is None:
+        ORPHAN_FALLBACKS["no enabled model is running"] += 1
+        out = sdpa_dense(query, key, value, attn_mask, scale)
+    else:
+        runtime, state = active
+        out = runtime.attend(state, query, key, value, attn_mask, scale)
+    return out.contiguous()
+
+
+@runtime_attention.register_fake
+def _(query, key, value, attn_mask, scale):
+    b, s, h, _ = query.shape
+    return query.new_empty((b, s, h, value.shape[-1]))
 
 
 def register_backend():

@@ -1,12 +1,16 @@
-"""Hooks that tell the runtime where it is: one pair on the transformer, one wrapper on the pipeline.
+"""Where a transformer forward is: a diffusers hook on the transformer, and a step clock per pipeline.
 
-- A forward pre-hook on the transformer computes the token layout from the forward's inputs and the
-  (step, CFG branch) from its timestep, and activates the model's runtime; a forward hook deactivates it
-  (``always_call``: also when the forward raises). Both run eagerly under ``torch.compile``
-  (``torch.compiler.disable``): they graph-break once at the top of the forward, never per layer.
-- The pipeline instance's ``maybe_free_model_hooks`` (diffusers calls it at the end of every ``__call__``)
-  is wrapped *on the instance* to reset step tracking. The pipeline class and its ``__call__`` are never
-  touched.
+- :class:`ContextHook` is a stateful diffusers ``ModelHook`` registered in the transformer's
+  ``HookRegistry``. The pipeline's ``transformer.cache_context("cond", step_index=..., sigma=...,
+  num_inference_steps=...)`` reaches it like any diffusers cache hook, and ``maybe_free_model_hooks``
+  resets it at the end of every pipeline call. Around each forward it builds the
+  :class:`~fastattn.attention.context.ForwardContext` (layout from the inputs; step, branch and sigma from
+  the cache context; the timestep clock where the pipeline says nothing) and makes the forward active for
+  the backend in this thread only (``backend.ACTIVE``).
+- :class:`StepClock` is shared by every transformer of one pipeline (Wan 2.2's ``transformer`` and
+  ``transformer_2``), so the step count continues across the switch instead of restarting at 0.
+- ``wrap_pipeline_reset`` also resets on ``maybe_free_model_hooks`` for models without diffusers'
+  ``CacheMixin`` (SD3): the pipeline class and its ``__call__`` are never touched.
 """
 
 from __future__ import annotations
@@ -14,32 +18,110 @@ from __future__ import annotations
 import functools
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from ..attention.context import ForwardContext, StepTracker
+from .backend import ACTIVE
+
+HOOK_NAME = "fastattn_context"
+_BRANCHES = {"cond": 0, "uncond": 1, "cond_uncond": 0}
 
 
-class TransformerHooks:
-    """Pre/post forward hooks of one transformer; ``remove()`` leaves the module as it was."""
+class StepClock:
+    """Step and CFG branch of one pipeline's run, shared by its transformers.
 
-    def __init__(self, model, adapter, runtime):
+    The pipeline's cache context wins where it says something (Wan passes ``step_index``, ``sigma`` and
+    ``num_inference_steps``; most pipelines pass only ``"cond"`` / ``"uncond"``); otherwise the
+    timesteps the transformers receive decide (:class:`StepTracker`).
+    """
+
+    def __init__(self, num_steps=None):
+        self.tracker = StepTracker()
+        self.num_steps = num_steps or (lambda: None)
+
+    def reset(self) -> None:
+        self.tracker.reset()
+
+    def context(self, layout, timestep, cache_context) -> ForwardContext:
+        step, branch = self.tracker.advance(timestep)
+        num_steps = self.num_steps()
+        sigma = None
+        if cache_context is not None:
+            if cache_context.step_index is not None:
+                step = int(cache_context.step_index)
+            if cache_context.num_inference_steps:
+                num_steps = int(cache_context.num_inference_steps)
+            if cache_context.sigma is not None:
+                sigma = float(cache_context.sigma)
+            branch = _BRANCHES.get(cache_context.name, branch)
+        return ForwardContext(layout, step, num_steps, branch, sigma, timestep)
+
+
+class _NoState:
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class ContextHook(ModelHook):
+    """Brackets every forward of one transformer: context in, active forward set, state handed back."""
+
+    _is_stateful = True  # so diffusers' cache_context and reset reach it
+
+    def __init__(self, adapter, runtime, clock: StepClock):
+        super().__init__()
         self.adapter = adapter
         self.runtime = runtime
-        self._handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            model.register_forward_hook(self._post, always_call=True),
-        ]
+        self.clock = clock
+        self.state_manager = StateManager(_NoState)  # carries diffusers' CacheContext to us
 
     @torch.compiler.disable
-    def _pre(self, module, args, kwargs):
+    def _begin(self, module, args, kwargs):
         layout = self.adapter.layout(module, args, kwargs)
-        self.runtime.begin_forward(layout, self.adapter.timestep(module, args, kwargs))
+        timestep = self.adapter.timestep(module, args, kwargs)
+        ctx = self.clock.context(layout, timestep, self.state_manager._context)
+        state = self.runtime.begin_forward(ctx)
+        return state, ACTIVE.set((self.runtime, state))
 
     @torch.compiler.disable
-    def _post(self, module, args, output):
-        self.runtime.end_forward()
+    def _end(self, state, token) -> None:
+        ACTIVE.reset(token)
+        self.runtime.end_forward(state)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def new_forward(self, module, *args, **kwargs):
+        state, token = self._begin(module, args, kwargs)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._end(state, token)
+
+    def reset_state(self, module):
+        self.clock.reset()
+        self.runtime.reset_run()
+        return module
+
+
+def install_context_hook(model, hook: ContextHook):
+    """Register ``hook`` on ``model``; returns the function that removes it and leaves no trace."""
+    had_registry = "_diffusers_hook" in model.__dict__
+    had_forward = "forward" in model.__dict__
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(hook, HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+
+    def remove():
+        reg = model.__dict__.get("_diffusers_hook")
+        if reg is None or reg.get_hook(HOOK_NAME) is not hook:
+            return
+        reg.remove_hook(HOOK_NAME, recurse=False)
+        if not had_forward and not reg.hooks:
+            model.__dict__.pop("forward", None)
+        if not had_registry and not reg.hooks:
+            del model.__dict__["_diffusers_hook"]
+        elif "_diffusers_hook" in model.__dict__:
+            reg.invalidate_child_registries_cache()
+
+    return remove
 
 
 def wrap_pipeline_reset(pipe, on_reset) -> callable:

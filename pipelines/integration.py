@@ -2,10 +2,12 @@
 
 Enabling on a transformer:
 1. registers the ``fastattn_sparse`` backend with diffusers' dispatcher (once);
-2. points every attention processor that uses the dispatcher at it, remembering each processor's previous
-   backend; for families whose processors call SDPA directly (SD3, CogVideoX) installs our math-identical
+2. points the self-attention processors (the family adapter says which) at it, remembering each
+   processor's previous backend — cross-attention keeps its own backend and never reaches the runtime;
+   for families whose processors call SDPA directly (SD3, CogVideoX) installs our math-identical
    processors, remembering the originals;
-3. adds the forward hooks that give the runtime layout, step and branch.
+3. registers the context hook (a diffusers ``ModelHook``) that hands the runtime layout, step, branch
+   and sigma per forward, on a step clock shared by the pipeline's transformers.
 ``Handle.disable()`` undoes exactly these steps: the same processor objects with the same backends.
 Enabling a model that is already enabled replaces the previous handle cleanly (disable, then enable).
 """
@@ -14,12 +16,11 @@ from __future__ import annotations
 
 import weakref
 
-from ..attention.plan import AttentionPlan
 from ..attention.runtime import AttentionRuntime
-from ..attn_kernels import ops as kernel_ops
+from ..plans.schema import AttentionPlan
 from .backend import dense_backend_fn, register_backend
 from .families import FamilyAdapter, adapter_for, supported_classes
-from .hooks import TransformerHooks, pipeline_num_steps, wrap_pipeline_reset
+from .hooks import ContextHook, StepClock, install_context_hook, pipeline_num_steps, wrap_pipeline_reset
 
 _ATTR = "_fastattn_handle"
 
@@ -27,15 +28,15 @@ _ATTR = "_fastattn_handle"
 class ModelHandle:
     """fastattn enabled on one transformer."""
 
-    def __init__(self, model, adapter: FamilyAdapter, plan: AttentionPlan, pipe=None, num_steps=None):
+    def __init__(self, model, adapter: FamilyAdapter, plan: AttentionPlan, clock: StepClock):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         self.plan = plan
         self.enabled = False
-        member = register_backend()
-
         processors = model.attn_processors  # {path: processor}
         self.self_attention_paths = [p for p in processors if adapter.self_attention(p)]
+        plan.check_model(len(self.self_attention_paths), model_num_heads(model))  # before patching anything
+        member = register_backend()
         self._saved_processors = None
         self._saved_backends: list[tuple[object, object]] = []
         self.uncovered: dict[str, str] = {}
@@ -63,22 +64,27 @@ class ModelHandle:
                     continue
                 if dense_backend is None and proc._attention_backend is not None:
                     dense_backend = proc._attention_backend
-        # Point every dispatching processor at our backend (after replacement: ours dispatch too).
+        # Point the self-attention processors at our backend (after replacement: ours dispatch too). A
+        # processor object shared with a cross-attention path is routed too; the runtime then serves its
+        # cross-attention calls dense by shape (S_q != S_kv), counted.
+        procs = model.attn_processors
+        cross_ids = {id(p) for path, p in procs.items() if not adapter.self_attention(path)}
         seen = set()
-        for proc in model.attn_processors.values():
+        self.shared_cross = []
+        for path in self.self_attention_paths:
+            proc = procs[path]
             if hasattr(proc, "_attention_backend") and id(proc) not in seen:
                 seen.add(id(proc))
+                if id(proc) in cross_ids:
+                    self.shared_cross.append(path)
                 self._saved_backends.append((proc, proc._attention_backend))
                 proc._attention_backend = member
 
-        steps = (lambda: num_steps) if num_steps else (pipeline_num_steps(pipe) if pipe is not None else None)
         self.runtime = AttentionRuntime(
-            plan,
-            num_layers=len(self.self_attention_paths),
-            dense_fn=dense_backend_fn(dense_backend),
-            num_steps=steps,
+            plan, num_layers=len(self.self_attention_paths), dense_fn=dense_backend_fn(dense_backend)
         )
-        self.hooks = TransformerHooks(model, adapter, self.runtime)
+        self.clock = clock
+        self._remove_hook = install_context_hook(model, ContextHook(adapter, self.runtime, clock))
         setattr(model, _ATTR, self)
         self.enabled = True
 
@@ -86,7 +92,7 @@ class ModelHandle:
         if not self.enabled:
             return
         model = self.model_ref()
-        self.hooks.remove()
+        self._remove_hook()
         for proc, backend in self._saved_backends:
             proc._attention_backend = backend
         if model is not None:
@@ -94,9 +100,7 @@ class ModelHandle:
                 model.set_attn_processor(self._saved_processors)
             if model.__dict__.get(_ATTR) is self:
                 delattr(model, _ATTR)
-        self.runtime.masks.clear()
-        self.runtime.residuals.clear()
-        self.runtime.selections.clear()
+        self.runtime.clear()
         self.enabled = False
 
     def stats(self) -> dict:
@@ -110,19 +114,23 @@ class ModelHandle:
             "mask_builds": self.runtime.masks.builds,
             "residual_bytes": self.runtime.residual_bytes(),
             "residual_peak_bytes": self.runtime.residual_peak_bytes,
+            "cache_bytes": self.runtime.cache_bytes(),
         }
         out.update(self.runtime.stats.as_dict())
         out["layers_per_forward"] = len(self.self_attention_paths)
         if self.uncovered:
             out["uncovered_processors"] = dict(self.uncovered)
+        if self.shared_cross:
+            out["shared_cross_attention_processors"] = list(self.shared_cross)
         return out
 
 
 class Handle:
     """What ``fastattn.enable`` returns: ``stats()``, ``disable()``; one entry per enabled transformer."""
 
-    def __init__(self, models: list[ModelHandle], pipe=None):
+    def __init__(self, models: list[ModelHandle], pipe=None, clock: StepClock | None = None):
         self.models = models
+        self.clock = clock
         self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self._undo_pipe = None
         if pipe is not None:
@@ -130,7 +138,10 @@ class Handle:
             pipe._fastattn_handle = self
 
     def _reset_run(self) -> None:
+        if self.clock is not None:
+            self.clock.reset()
         for m in self.models:
+            m.clock.reset()
             m.runtime.reset_run()
 
     @property
@@ -146,15 +157,10 @@ class Handle:
         return [m.runtime for m in self.models]
 
     def stats(self) -> dict:
-        """Per model: density achieved, calls, planned dense calls and fallbacks with their reasons.
-
-        ``kernel_fallbacks`` are the kernel layer's process-wide dense fallbacks (e.g. head_dim not 64/128
-        on the GPU); the per-model ones are in each model's ``fallbacks`` prefixed ``kernel:``.
-        """
+        """Per model: density achieved, calls, planned dense calls and fallbacks with their reasons
+        (the kernel's own fallbacks, e.g. head_dim not 64/128 on the GPU, prefixed ``kernel:``)."""
         per_model = [m.stats() for m in self.models]
-        out = per_model[0] if len(per_model) == 1 else {"models": per_model}
-        out["kernel_fallbacks"] = kernel_ops.fallback_counts()
-        return out
+        return per_model[0] if len(per_model) == 1 else {"models": per_model}
 
     def reset_stats(self) -> None:
         for m in self.models:
@@ -201,6 +207,28 @@ def find_transformers(target) -> tuple[list, object | None]:
             f"{supported_classes()}"
         )
     return [target], None
+
+
+def model_num_heads(model) -> int | None:
+    """Attention heads per layer from the model's config (None when it does not say)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_attention_heads", None) if cfg is not None else None
+    return int(n) if isinstance(n, int) else None
+
+
+def enable_models(models, pipe, plans, num_steps=None) -> Handle:
+    """Enable each model with its plan on one step clock; nothing stays patched if one fails."""
+    steps = (lambda: num_steps) if num_steps else (pipeline_num_steps(pipe) if pipe is not None else None)
+    clock = StepClock(steps)  # one per pipeline: Wan 2.2's two transformers count steps together
+    handles = []
+    try:
+        for m, p in zip(models, plans):
+            handles.append(ModelHandle(m, adapter_for(m), p, clock))
+    except Exception:
+        for h in handles:
+            h.disable()
+        raise
+    return Handle(handles, pipe, clock)
 
 
 def existing_handle(target):

@@ -13,10 +13,6 @@ from pathlib import Path
 
 PRESET_DIR = Path(__file__).parent
 LEVELS = ("safe", "balanced", "fast")
-PLAN_FIELDS = (
-    "method", "density", "quant", "dense_steps", "dense_layers", "start_percent", "end_percent", "residual",
-    "residual_refresh",
-)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,8 +32,8 @@ def resolve_preset(name: str, family: str) -> dict:
     """Fields of preset ``name`` for a model of ``family``; clear errors list the valid choices."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"preset must be a non-empty string; valid presets here: {preset_names(family)}")
-    if name.endswith(".json") and Path(name).is_file():
-        fields = json.loads(Path(name).read_text())
+    if name.endswith(".json"):
+        fields = _read_preset_file(Path(name))
         want = fields.pop("family", family)
         if want != family:
             raise ValueError(f"preset file {name} is for {want!r}, this model is {family!r}")
@@ -63,23 +59,23 @@ def resolve_preset(name: str, family: str) -> dict:
     return _clean(dict(fams[family][level]), name)
 
 
+def _read_preset_file(path: Path) -> dict:
+    """One preset object from a local ``.json`` file, with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"preset file {path} does not exist")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"preset file {path} is not UTF-8 JSON text (a binary or pickled file?)") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"preset file {path} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"preset file {path} must hold one JSON object of plan settings, got {type(fields).__name__}")
+    return fields
+
+
 def _clean(fields: dict, name: str) -> dict:
+    """The preset's settings; their names and values are checked by the plan schema
+    (:meth:`fastattn.plans.AttentionPlan.from_dict`), the one list of known fields."""
     fields.pop("doc", None)
-    unknown = (
-        set(fields)
-        - set(PLAN_FIELDS)
-        - {
-            "window",
-            "factor",
-            "temporal_window",
-            "top_p",
-            "min_density",
-            "max_density",
-            "estimator",
-            "reuse_steps",
-            "clamp_density",
-        }
-    )
-    if unknown:
-        raise ValueError(f"preset {name!r} has unknown fields {sorted(unknown)}; known: {list(PLAN_FIELDS)}")
     return fields

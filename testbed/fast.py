@@ -13,10 +13,11 @@ the runtime decides per call (layer, step) between dense, the sparse kernel and 
 
 from __future__ import annotations
 
-from ..api import make_plan
-from ..attention.plan import AttentionPlan
+from ..attention.context import ForwardContext, StepTracker
 from ..attention.runtime import AttentionRuntime
 from ..masks.layout import TokenLayout
+from ..plans.build import make_plan
+from ..plans.schema import AttentionPlan
 from .model import AttentionCall, TestbedDiT
 
 FAMILY = "testbed"
@@ -29,10 +30,9 @@ class TestbedHandle:
 
     def __init__(self, model: TestbedDiT, plan: AttentionPlan, sparse_fn=None):
         self.model, self.plan = model, plan
-        self._num_steps: int | None = None
-        self.runtime = AttentionRuntime(
-            plan, num_layers=len(model.blocks), num_steps=lambda: self._num_steps, sparse_fn=sparse_fn
-        )
+        self.runtime = AttentionRuntime(plan, num_layers=len(model.blocks), sparse_fn=sparse_fn)
+        self.tracker = StepTracker()  # only when the caller gives no step_index
+        self._state = None
         self._hooks = [
             model.register_forward_pre_hook(self._begin, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
@@ -43,19 +43,26 @@ class TestbedHandle:
 
     def _begin(self, module, args, kwargs):
         x = args[0] if args else kwargs["x"]
-        self._num_steps = kwargs.get("num_steps")
-        if kwargs.get("step_index") == 0:
-            self.runtime.reset_run()  # the sampler says a new run starts
         _, f, _, h, w = x.shape
         p = module.cfg.patch
-        self.runtime.begin_forward(TokenLayout.video(f, h // p, w // p), kwargs.get("timestep"))
+        t = kwargs.get("timestep")
+        t = float(t.flatten()[0]) if hasattr(t, "flatten") else t
+        step, branch = self.tracker.advance(t)
+        if kwargs.get("step_index") is not None:  # the sampler says where it is
+            step = int(kwargs["step_index"])
+        ctx = ForwardContext(TokenLayout.video(f, h // p, w // p), step, kwargs.get("num_steps"), branch, None, t)
+        self._state = self.runtime.begin_forward(ctx)
 
     def _end(self, module, args, output):
-        self.runtime.end_forward()
+        if self._state is not None:
+            self.runtime.end_forward(self._state)
+        self._state = None
 
     def _attend(self, q, k, v, ctx: AttentionCall):
-        # The runtime takes diffusers' [B, S, H, D]; transposes are views.
-        out = self.runtime.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # The runtime takes diffusers' [B, S, H, D]; transposes are views. The testbed names the layer.
+        out = self.runtime.attend(
+            self._state, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layer=ctx.layer_index
+        )
         return out.transpose(1, 2)
 
     def stats(self) -> dict:
@@ -77,8 +84,7 @@ class TestbedHandle:
             blk.attn.set_attention_fn(fn)
         if self.model.__dict__.get("_fastattn_handle") is self:
             del self.model.__dict__["_fastattn_handle"]
-        self.runtime.reset_run()
-        self.runtime.masks.clear()
+        self.runtime.clear()
         self.enabled = False
 
 

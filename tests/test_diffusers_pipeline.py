@@ -76,20 +76,27 @@ def _subprocess(code, **env):
         text=True,
         env={**os.environ, **env},
         timeout=120,
-        cwd=os.path.dirname(sys.executable),  # not the repo root: its kernels/ would shadow HF `kernels`
+        cwd=os.path.dirname(sys.executable),  # not the repo root: test the installed package
     )
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
 
-def test_pipeline_methods_attach_lazily_and_opt_out():
+def test_pipeline_methods_attach_without_import_hooks_and_opt_out():
     code = (
-        "import sys, fastattn; from fastattn.pipelines import attach_pipeline_methods; "
-        "attach_pipeline_methods(); print('diffusers' in sys.modules); "
-        "from diffusers import DiffusionPipeline; print(hasattr(DiffusionPipeline, 'enable_fast_attention'))"
+        "import sys, fastattn; print('diffusers' in sys.modules); "
+        "print(any('fastattn' in type(f).__module__ for f in sys.meta_path)); "
+        "from diffusers import DiffusionPipeline; import fastattn.api; "
+        "print(hasattr(DiffusionPipeline, 'enable_fast_attention')); "
+        "from fastattn.pipelines import attach_pipeline_methods; attach_pipeline_methods(); "
+        "print(hasattr(DiffusionPipeline, 'enable_fast_attention'))"
     )
-    assert _subprocess(code).split() == ["False", "True"]
-    assert _subprocess(code, FASTATTN_NO_PIPELINE_METHODS="1").split() == ["False", "False"]
+    # import fastattn imports no diffusers and installs no import hook; attaching happens when asked
+    # (fastattn.enable calls it, and so does `import fastattn` when diffusers is already imported)
+    assert _subprocess(code).split() == ["False", "False", "False", "True"]
+    assert _subprocess(code, FASTATTN_NO_PIPELINE_METHODS="1").split() == ["False", "False", "False", "False"]
+    code2 = "import diffusers, fastattn; print(hasattr(diffusers.DiffusionPipeline, 'enable_fast_attention'))"
+    assert _subprocess(code2) == "True"
 
 
 def test_pipeline_methods_steps_branches_and_reset():
@@ -104,9 +111,9 @@ def test_pipeline_methods_steps_branches_and_reset():
     contexts = []
     orig = rt.begin_forward
 
-    def spy(layout, timestep):
-        orig(layout, timestep)
-        contexts.append((rt.state.step, rt.state.cfg_branch, rt.state.num_steps))
+    def spy(ctx):
+        contexts.append((ctx.step, ctx.cfg_branch, ctx.num_steps))
+        return orig(ctx)
 
     rt.begin_forward = spy
     out1 = _call(pipe)
@@ -208,13 +215,10 @@ def test_enable_model_cpu_offload_pipeline():
     h = pipe.enable_fast_attention(method="dense")
     assert torch.equal(_call(pipe, **size), ref)
     h.disable()
-    from fastattn.attn_kernels.ops import reset_fallback_counts
-
-    reset_fallback_counts()  # process-wide counter: count only this run's
     h = pipe.enable_fast_attention(method="band", window=2)
     sparse = _call(pipe, **size)
     st = h.stats()
-    assert st["sparse_calls"] > 0 and not st["kernel_fallbacks"] and not torch.equal(sparse, ref), st
+    assert st["sparse_calls"] > 0 and not st["fallbacks"] and not torch.equal(sparse, ref), st
     h.disable()
     assert torch.equal(_call(pipe, **size), ref)
 

@@ -259,10 +259,10 @@ def test_python_api_precomputed_embeddings_and_no_plot(tmp_path, monkeypatch):
 
 
 def test_probe_measures_the_kernel_error_and_restores():
-    from fastattn.attention.methods import BandConfig
-    from fastattn.attention.plan import AttentionPlan
     from fastattn.attention.runtime import AttentionRuntime
     from fastattn.masks import TokenLayout
+    from fastattn.plans.methods import BandConfig
+    from fastattn.plans.schema import AttentionPlan
 
     layout = TokenLayout.video(2, 4, 4)
     rt = AttentionRuntime(AttentionPlan(method=BandConfig(window=4), block_size=BS), num_layers=2)

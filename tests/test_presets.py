@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastattn.api import make_plan
+from fastattn.plans import make_plan
 from fastattn.presets import LEVELS, preset_names, resolve_preset, structural_presets
 
 FAMILIES = ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "flux2", "qwen_image", "sd3")
@@ -57,8 +57,8 @@ def test_local_preset_file(tmp_path):
 def test_presets_serve_short_sequences_by_clamping_to_the_smallest_mask(family):
     """A preset's density may be below what a short layout allows (dense text rows/columns alone exceed
     it): the preset uses the smallest mask; the same density given explicitly is still an error."""
-    from fastattn.attention.methods import build_mask
     from fastattn.masks import TokenLayout
+    from fastattn.plans.methods import build_mask
 
     layout = TokenLayout.video(1, 32, 32, text_len=512, text_first=True)  # 512x512 FLUX-like: 1,536 tokens
     for level in LEVELS:
@@ -79,8 +79,8 @@ def test_presets_serve_short_sequences_by_clamping_to_the_smallest_mask(family):
 
 
 def test_clamping_warns_once_with_the_density_reached():
-    from fastattn.attention.methods import build_mask
     from fastattn.masks import TokenLayout
+    from fastattn.plans.methods import build_mask
 
     layout = TokenLayout.video(1, 24, 24, text_len=512, text_first=True)
     plan = make_plan("flux", "fast")

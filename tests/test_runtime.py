@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastattn.attention import (
-    AttentionPlan,
-    AttentionRuntime,
-    BandConfig,
-    DynamicConfig,
-    StepTracker,
-    Window3DConfig,
-    method_from_name,
-    runtime_attention,
-)
+from fastattn.attention import AttentionRuntime, ForwardContext, StepTracker
 from fastattn.attention.dynamic import select_blocks
-from fastattn.attention.runtime import ORPHAN_FALLBACKS
 from fastattn.masks import TokenLayout
+from fastattn.plans import AttentionPlan, BandConfig, DynamicConfig, Window3DConfig, method_from_name
 
 LAYOUT = TokenLayout.video(4, 8, 8, text_len=10, text_first=True)
 
@@ -25,6 +16,39 @@ LAYOUT = TokenLayout.video(4, 8, 8, text_len=10, text_first=True)
 def _qkv(b=1, s=LAYOUT.seq_len, h=2, d=16):
     torch.manual_seed(0)
     return (torch.randn(b, s, h, d) for _ in range(3))
+
+
+class Adapter:
+    """What a host adapter does: a context per forward (steps from timesteps here), the state handed back
+    with every attention call of that forward."""
+
+    def __init__(self, rt):
+        self.rt, self.tracker, self.state = rt, StepTracker(), None
+
+    def begin(self, layout, timestep, num_steps=None):
+        step, branch = self.tracker.advance(timestep)
+        self.state = self.rt.begin_forward(ForwardContext(layout, step, num_steps, branch, None, timestep))
+
+    def attend(self, q, k, v, mask=None, scale=None, layer=None):
+        return self.rt.attend(self.state, q, k, v, mask, scale, layer=layer)
+
+    def end(self):
+        self.rt.end_forward(self.state)
+        self.state = None
+
+
+def _oracle(record=None, zeros=False):
+    """A sparse_fn with the kernel's contract ``-> (out, fallback)``: masked dense SDPA (or zeros)."""
+
+    def fn(q, k, v, mask, scale=None, quant="none", perm=None):
+        if record is not None:
+            record(mask)
+        if zeros:
+            return torch.zeros_like(q), None
+        assert perm is None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to_token_mask(), scale=scale), None
+
+    return fn
 
 
 def _masked_ref(q, k, v, token_mask):
@@ -50,12 +74,13 @@ def test_plan_dense_reasons_and_validation():
     rt = AttentionRuntime(
         AttentionPlan(BandConfig(window=8), dense_steps=1, dense_layers=(0, -1), block_size=8), 3
     )
+    fw = Adapter(rt)
     q, k, v = _qkv()
     for t in (900.0, 500.0):
-        rt.begin_forward(LAYOUT, t)
+        fw.begin(LAYOUT, t)
         for _ in range(3):
-            runtime_attention(q, k, v, None, None)
-        rt.end_forward()
+            fw.attend(q, k, v, None, None)
+        fw.end()
     st = rt.stats.as_dict()
     assert st["planned_dense"] == {"dense_steps": 3, "dense_layers": 2} and st["sparse_calls"] == 1
     with pytest.raises(ValueError, match="valid"):
@@ -71,12 +96,13 @@ def test_plan_dense_reasons_and_validation():
 @pytest.mark.parametrize("config", [Window3DConfig(density=0.6), BandConfig(window=20)])
 def test_structural_sparse_equals_masked_reference_and_cache(config):
     rt = AttentionRuntime(AttentionPlan(config, block_size=8), 2)
+    fw = Adapter(rt)
     q, k, v = _qkv()
-    rt.begin_forward(LAYOUT, 1.0)
-    out = runtime_attention(q, k, v, None, None)
-    runtime_attention(q, k, v, None, None)
-    rt.end_forward()
-    mask = rt.masks.get(rt.plan, LAYOUT)
+    fw.begin(LAYOUT, 1.0)
+    out = fw.attend(q, k, v, None, None)
+    fw.attend(q, k, v, None, None)
+    fw.end()
+    mask = rt.masks.get(rt.plan.method, LAYOUT, rt.plan.block_size)
     assert rt.masks.builds == 1  # the second layer reused the mask
     if isinstance(config, Window3DConfig):
         assert mask.block_density() >= 0.6
@@ -99,9 +125,10 @@ def test_dynamic_top_p_floor_ceiling_and_exactness():
     assert int(per_row.max()) <= int(0.4 * n) + 1 and int(per_row.min()) >= 1
     assert bool(bm[:, :, text].all()) and bool(bm[..., text].all())
     rt = AttentionRuntime(AttentionPlan(cfg, block_size=8), 1)
-    rt.begin_forward(LAYOUT, 1.0)
-    out = runtime_attention(q, k, v, None, None)
-    rt.end_forward()
+    fw = Adapter(rt)
+    fw.begin(LAYOUT, 1.0)
+    out = fw.attend(q, k, v, None, None)
+    fw.end()
     ref = _masked_ref(q, k, v, mask.to_token_mask())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert 0 < rt.stats.as_dict()["density"] < 1
@@ -114,19 +141,20 @@ def test_key_padding_mask_sparse_is_exact_and_other_masks_fall_back():
     lay = TokenLayout.video(4, 8, 8, text_len=10, text_first=False)  # [img, txt] as HunyuanVideo
     plan = AttentionPlan(BandConfig(window=20), block_size=8)
     rt = AttentionRuntime(plan, 1)
+    fw = Adapter(rt)
     q, k, v = _qkv(b=2, s=lay.seq_len)
     keep = torch.ones(2, 1, 1, lay.seq_len, dtype=torch.bool)
     keep[0, ..., -3:] = False
     keep[1, ..., -6:] = False
-    rt.begin_forward(lay, 1.0)
-    out = runtime_attention(q, k, v, keep, None)
-    token = rt.masks.get(plan, lay).to_token_mask()[0]
+    fw.begin(lay, 1.0)
+    out = fw.attend(q, k, v, keep, None)
+    token = rt.masks.get(plan.method, lay, plan.block_size).to_token_mask()[0]
     torch.testing.assert_close(out, _masked_ref(q, k, v, (token & keep[:, 0])[:, None]), rtol=1e-5, atol=1e-5)
     bad = keep.clone()
     bad[0, ..., 0] = False  # masks an image token
-    runtime_attention(q, k, v, bad, None)
-    runtime_attention(q, k, v, keep.float(), None)
-    rt.end_forward()
+    fw.attend(q, k, v, bad, None)
+    fw.attend(q, k, v, keep.float(), None)
+    fw.end()
     fb = rt.stats.as_dict()["fallbacks"]
     assert fb == {
         "attn_mask masks image tokens (only text padding is served sparse)": 1,
@@ -136,35 +164,37 @@ def test_key_padding_mask_sparse_is_exact_and_other_masks_fall_back():
 
 def test_unknown_length_and_orphan_calls_counted():
     rt = AttentionRuntime(AttentionPlan(BandConfig(window=8), block_size=8), 1)
+    fw = Adapter(rt)
     q, k, v = _qkv(s=50)
-    rt.begin_forward(LAYOUT, 1.0)
-    out = runtime_attention(q, k, v, None, None)
-    rt.end_forward()
+    fw.begin(LAYOUT, 1.0)
+    out = fw.attend(q, k, v, None, None)
+    fw.end()
     torch.testing.assert_close(out, _masked_ref(q, k, v, None), rtol=0, atol=0)
     assert list(rt.stats.as_dict()["fallbacks"]) == [
         "sequence length 50 does not match the model's token layout (266)"
     ]
-    before = sum(ORPHAN_FALLBACKS.values())
-    runtime_attention(q, k, v, None, None)
-    assert sum(ORPHAN_FALLBACKS.values()) == before + 1
+    out = rt.attend(None, q, k, v)  # no forward context: dense, counted
+    assert rt.stats.as_dict()["fallbacks"]["no forward context"] == 1
 
 
 def test_impossible_density_names_the_valid_range():
     rt = AttentionRuntime(AttentionPlan(Window3DConfig(density=0.02), block_size=8), 1)
+    fw = Adapter(rt)
     q, k, v = _qkv()
-    rt.begin_forward(LAYOUT, 1.0)
+    fw.begin(LAYOUT, 1.0)
     with pytest.raises(ValueError, match=r"Valid densities here: \[0\.\d+, 1.0\]"):
-        runtime_attention(q, k, v, None, None)
-    rt.end_forward()
+        fw.attend(q, k, v, None, None)
+    fw.end()
 
 
 def _run_steps(rt, steps, inputs):
     """One forward per step (decreasing timesteps), one attention call per forward; returns the outputs."""
+    fw = Adapter(rt)
     outs = []
     for i in range(steps):
-        rt.begin_forward(LAYOUT, 1000.0 - i)
-        outs.append(runtime_attention(*inputs[i], None, None))
-        rt.end_forward()
+        fw.begin(LAYOUT, 1000.0 - i)
+        outs.append(fw.attend(*inputs[i], None, None))
+        fw.end()
     return outs
 
 
@@ -172,6 +202,7 @@ def test_residual_sharing_captures_at_last_dense_step_and_applies_later():
     """WA-RS: at the last dense step R = dense - sparse is kept; later steps return sparse + R."""
     plan = AttentionPlan(BandConfig(window=8), dense_steps=2, residual=True, block_size=8)
     rt = AttentionRuntime(plan, 1)
+    fw = Adapter(rt)
     torch.manual_seed(0)
     base = torch.randn(3, 1, LAYOUT.seq_len, 2, 16)
     inputs = [tuple(base + 0.05 * i * torch.randn_like(base)) for i in range(4)]
@@ -197,6 +228,7 @@ def test_residual_sharing_captures_at_last_dense_step_and_applies_later():
 def test_residual_refresh_and_capture_without_dense_steps():
     plan = AttentionPlan(BandConfig(window=8), residual=True, residual_refresh=2, block_size=8)
     rt = AttentionRuntime(plan, 1)
+    fw = Adapter(rt)
     q, k, v = _qkv()
     _run_steps(rt, 5, [(q, k, v)] * 5)
     # step 0: nothing to apply -> capture; steps 2 and 4 refresh; 1 and 3 apply
@@ -207,7 +239,7 @@ def test_residual_refresh_and_capture_without_dense_steps():
 
 
 def plan_token_mask(plan):
-    from fastattn.attention import build_mask
+    from fastattn.plans import build_mask
 
     return build_mask(plan.method, LAYOUT, plan.block_size).to_token_mask()
 
@@ -253,16 +285,15 @@ def test_dynamic_density_is_accumulated_on_device_and_exact():
     """Dynamic masks' density is summed as a tensor (no host sync per call) and read exactly in stats."""
     cfg = DynamicConfig(top_p=0.6, min_density=0.2, max_density=0.6)
     rt = AttentionRuntime(AttentionPlan(cfg, block_size=8), 2)
+    fw = Adapter(rt)
     densities = []
-    rt.sparse_fn = lambda q, k, v, mask, scale=None, quant="none": (
-        densities.append(mask.block_density()) or torch.zeros_like(q)
-    )
+    rt.sparse_fn = _oracle(lambda mask: densities.append(mask.block_density()), zeros=True)
     for i in range(3):
         q, k, v = (x * (1 + i) for x in _qkv(b=2))
-        rt.begin_forward(LAYOUT, 100.0 - i)
-        runtime_attention(q, k, v, None, None)
-        runtime_attention(k, q, v, None, None)
-        rt.end_forward()
+        fw.begin(LAYOUT, 100.0 - i)
+        fw.attend(q, k, v, None, None)
+        fw.attend(k, q, v, None, None)
+        fw.end()
     assert rt.stats.pending_work is not None  # nothing read back yet
     assert rt.stats.as_dict()["density"] == pytest.approx(sum(densities) / len(densities))
     assert rt.stats.pending_work is None and len(set(densities)) > 1
@@ -274,18 +305,19 @@ def test_dynamic_density_is_accumulated_on_device_and_exact():
 def test_dynamic_selection_reused_for_reuse_steps_per_layer_and_cfg_pass():
     cfg = DynamicConfig(top_p=0.6, min_density=0.2, max_density=0.6, reuse_steps=2)
     rt = AttentionRuntime(AttentionPlan(cfg, block_size=8), 2)
+    fw = Adapter(rt)
     seen = []
-    rt.sparse_fn = lambda q, k, v, mask, scale=None, quant="none": seen.append(mask) or torch.zeros_like(q)
+    rt.sparse_fn = _oracle(seen.append, zeros=True)
     torch.manual_seed(0)
     inputs = [
         [tuple(torch.randn(1, LAYOUT.seq_len, 2, 16) for _ in range(3)) for _ in range(2)] for _ in range(3)
     ]
     for step in range(3):  # two layers per forward, CFG as two passes per step
         for _branch in range(2):
-            rt.begin_forward(LAYOUT, 100.0 - step)
+            fw.begin(LAYOUT, 100.0 - step)
             for layer in range(2):
-                runtime_attention(*inputs[step][layer], None, None)
-            rt.end_forward()
+                fw.attend(*inputs[step][layer], None, None)
+            fw.end()
     # calls in order: (step, branch, layer); step 1 reuses step 0's masks, step 2 selects anew
     by = {
         (s, b, layer): seen[s * 4 + b * 2 + layer] for s in range(3) for b in range(2) for layer in range(2)
@@ -314,8 +346,8 @@ def test_window3d_density_search_picks_the_least_dense_balanced_window(target, g
     is less dense."""
     import itertools
 
-    from fastattn.attention.methods import _spatial_windows, _window_for_density, build_mask
     from fastattn.masks import patterns
+    from fastattn.plans.methods import _spatial_windows, _window_for_density, build_mask
 
     layout = TokenLayout.video(*grid, text_len=5 if grid[1] * grid[2] > 2 else 0)
     f, h, w = layout.grid

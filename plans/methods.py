@@ -183,8 +183,58 @@ class DynamicConfig(MethodConfig):
             )
 
 
+@dataclass(frozen=True)
+class MultiDiagonalConfig(MethodConfig):
+    """Sparse-vDiT multi-diagonal: a band of ``window`` tokens around the same spatial position in the frames
+    at ``frame_offsets`` (``(-1, 0, 1)``: this frame and its two neighbours); text rows/columns dense."""
+
+    name: ClassVar[str] = "multi_diagonal"
+    window: int = 0
+    frame_offsets: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"multi_diagonal: window must be a non-negative int (tokens), got {self.window!r}")
+        offs = tuple(self.frame_offsets) if isinstance(self.frame_offsets, (list, tuple)) else None
+        if not offs or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs):
+            raise ValueError(f"multi_diagonal: frame_offsets must be a non-empty list of ints, got {self.frame_offsets!r}")
+        object.__setattr__(self, "frame_offsets", offs)
+
+
+@dataclass(frozen=True)
+class StripesConfig(MethodConfig):
+    """Sparse-vDiT vertical stripes: every query reads the image keys in ``key_ranges`` (image-token index
+    ranges ``[a, b)``, as fractions of the image tokens when ``fractions`` is True); text dense."""
+
+    name: ClassVar[str] = "stripes"
+    key_ranges: tuple[tuple[float, float], ...] = ((0.0, 0.1),)
+    fractions: bool = True
+
+    def __post_init__(self):
+        try:
+            ranges = tuple((float(a), float(b)) for a, b in self.key_ranges)
+        except (TypeError, ValueError):
+            raise ValueError(f"stripes: key_ranges must be a list of [start, end) pairs, got {self.key_ranges!r}") from None
+        hi = 1.0 if self.fractions else float("inf")
+        if not ranges or any(not (0.0 <= a < b <= hi) for a, b in ranges):
+            raise ValueError(f"stripes: key_ranges must be non-empty pairs with 0 <= start < end <= {hi:g}, got {ranges}")
+        if not self.fractions and any(not (a.is_integer() and b.is_integer()) for a, b in ranges):
+            raise ValueError(f"stripes: token key_ranges must be whole numbers, got {ranges}")
+        object.__setattr__(self, "key_ranges", ranges)
+
+
+@dataclass(frozen=True)
+class SkipConfig(MethodConfig):
+    """A skipped head (Sparse-vDiT): it computes no block and its attention output is zero."""
+
+    name: ClassVar[str] = "skip"
+
 METHODS: dict[str, type[MethodConfig]] = {
-    c.name: c for c in (DenseConfig, Window3DConfig, RadialConfig, BandConfig, ArrowConfig, DynamicConfig)
+    c.name: c
+    for c in (
+        DenseConfig, Window3DConfig, RadialConfig, BandConfig, ArrowConfig, DynamicConfig, MultiDiagonalConfig,
+        StripesConfig, SkipConfig,
+    )  # fmt: skip
 }
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -231,7 +281,7 @@ def method_from_name(method: str, density: float | None = None, **params) -> Met
                 raise ValueError(f"method 'dense' computes every block (density 1.0); got density={density}")
         else:
             params["density"] = density
-    for key in ("window",):
+    for key in ("window", "frame_offsets"):
         if isinstance(params.get(key), list):
             params[key] = tuple(params[key])
     return cls(**params)
@@ -390,9 +440,32 @@ def _arrow_mask(config: ArrowConfig, layout: TokenLayout, block_size: int) -> Bl
     )
 
 
+@register_method_handler(MultiDiagonalConfig)
+def _multi_diagonal_mask(config: MultiDiagonalConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    _grid(layout, "multi_diagonal")
+    return patterns.multi_diagonal(layout, config.window, config.frame_offsets, block_size)
+
+
+@register_method_handler(StripesConfig)
+def _stripes_mask(config: StripesConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    n = layout.image_len
+    if config.fractions:
+        ranges = [(min(int(a * n), n - 1), max(min(n, round(b * n)), min(int(a * n), n - 1) + 1)) for a, b in config.key_ranges]
+    else:
+        ranges = [(int(a), int(b)) for a, b in config.key_ranges]
+    return patterns.vertical_stripes(layout, ranges, block_size)
+
+
+@register_method_handler(SkipConfig)
+def _skip_mask(config: SkipConfig, layout: TokenLayout, block_size: int) -> BlockMask:
+    bm = patterns.dense(layout, block_size).to_block_map()
+    return BlockMask.from_block_map(torch.zeros_like(bm), layout, block_size)
+
+
 def describe(config: MethodConfig) -> dict:
-    """JSON-able description of a method config (for stats and presets)."""
+    """JSON-able description of a method config (for stats, presets and plan files)."""
     out = {"method": config.name}
     for f in dataclasses.fields(config):
-        out[f.name] = getattr(config, f.name)
+        v = getattr(config, f.name)
+        out[f.name] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
     return out

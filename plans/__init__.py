@@ -1,0 +1,45 @@
+"""Plans as data: the plan schema, method configs and their mask handlers, per-head tables, building.
+
+Host-neutral (no diffusers, no ComfyUI): adapters build plans here and hand them to the runtime.
+"""
+
+from .build import make_plan
+from .heads import HeadTable
+from .methods import (
+    METHODS,
+    ArrowConfig,
+    BandConfig,
+    DenseConfig,
+    DynamicConfig,
+    MethodConfig,
+    MultiDiagonalConfig,
+    RadialConfig,
+    SkipConfig,
+    StripesConfig,
+    Window3DConfig,
+    build_mask,
+    method_from_name,
+    register_method_handler,
+)
+from .schema import AttentionPlan, known_keys
+
+__all__ = [
+    "METHODS",
+    "ArrowConfig",
+    "AttentionPlan",
+    "BandConfig",
+    "DenseConfig",
+    "DynamicConfig",
+    "HeadTable",
+    "MethodConfig",
+    "MultiDiagonalConfig",
+    "RadialConfig",
+    "SkipConfig",
+    "StripesConfig",
+    "Window3DConfig",
+    "build_mask",
+    "known_keys",
+    "make_plan",
+    "method_from_name",
+    "register_method_handler",
+]

@@ -1,0 +1,58 @@
+"""Building a plan from what a user names: a preset, a plan, or a method plus settings.
+
+Host-neutral: the diffusers adapter, the ComfyUI nodes and the testbed all call :func:`make_plan` with
+the model's family; nothing here knows a host.
+"""
+
+from __future__ import annotations
+
+from .methods import METHODS, MethodConfig, describe
+from .schema import AttentionPlan
+
+
+def make_plan(
+    family: str,
+    preset: str | None = None,
+    method=None,
+    density: float | None = None,
+    plan: AttentionPlan | None = None,
+    **settings,
+) -> AttentionPlan:
+    """The :class:`AttentionPlan` for a model of ``family`` from a preset, a plan, or a method plus settings.
+
+    ``settings`` are the plan's fields and the method's parameters (``quant=``, ``dense_steps=``,
+    ``window=``...); ``None`` values are ignored. Explicit settings override the preset's
+    (``preset="balanced", quant="none"``). Unknown names are refused with the list of known ones.
+    """
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if plan is not None:
+        if preset is not None or method is not None:
+            raise ValueError("give one of plan=, preset= or method=")
+        if not isinstance(plan, AttentionPlan):
+            raise TypeError(f"plan must be an AttentionPlan, got {type(plan).__name__}")
+        if density is not None:
+            settings["density"] = density
+        if not settings:
+            return plan
+        return AttentionPlan.from_dict({**plan.to_dict(), **settings}, "plan").replace(heads=plan.heads)
+    if preset is not None and method is not None:
+        raise ValueError(f"give preset= or method=, not both (got preset={preset!r}, method={method!r})")
+    fields: dict = {}
+    source = "settings"
+    if preset is not None:
+        from ..presets import resolve_preset
+
+        fields = resolve_preset(preset, family)
+        source = f"preset {preset!r}"
+    elif method is None:
+        raise ValueError(f"give preset= ('safe', 'balanced', 'fast') or method= (one of {sorted(METHODS)})")
+    if method is not None:
+        fields = describe(method) if isinstance(method, MethodConfig) else {"method": method}
+    if density is not None:
+        fields["density"] = density
+        if "clamp_density" not in settings:
+            fields.pop("clamp_density", None)  # a density the user asks for is checked, not clamped
+        for geometric in ("window", "factor"):  # a density replaces the preset's geometric parameter
+            fields.pop(geometric, None)
+    fields.update(settings)
+    return AttentionPlan.from_dict(fields, source)
