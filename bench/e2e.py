@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     import diffusers
     import fastattn.api as fa
     import triton
-    from fastattn.attention.runtime import ORPHAN_FALLBACKS
+    from fastattn.pipelines.backend import ORPHAN_FALLBACKS
 
     tiny = args.tiny or not torch.cuda.is_available()
     device = torch.device("cpu" if tiny else "cuda")
@@ -450,7 +450,6 @@ def main(argv=None) -> int:
                 schedule_measured=schedule,
                 plan_kwargs=plan_kwargs,
                 fallbacks=stats["fallbacks"],
-                kernel_fallbacks=stats["kernel_fallbacks"],
                 layers=layers,
                 layers_full=full_layers,
             )

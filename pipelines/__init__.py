@@ -17,14 +17,14 @@ OPT_OUT_ENV = "FASTATTN_NO_PIPELINE_METHODS"
 
 def enable_fast_attention(self, preset=None, **kwargs):
     """Run this pipeline's transformer attention through fastattn (see ``fastattn.enable``)."""
-    from ..api import enable
+    from .entry import enable
 
     return enable(self, preset, **kwargs)
 
 
 def disable_fast_attention(self):
     """Restore the pipeline's attention exactly as before ``enable_fast_attention``."""
-    from ..api import disable
+    from .entry import disable
 
     return disable(self)
 

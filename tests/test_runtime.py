@@ -202,7 +202,6 @@ def test_residual_sharing_captures_at_last_dense_step_and_applies_later():
     """WA-RS: at the last dense step R = dense - sparse is kept; later steps return sparse + R."""
     plan = AttentionPlan(BandConfig(window=8), dense_steps=2, residual=True, block_size=8)
     rt = AttentionRuntime(plan, 1)
-    fw = Adapter(rt)
     torch.manual_seed(0)
     base = torch.randn(3, 1, LAYOUT.seq_len, 2, 16)
     inputs = [tuple(base + 0.05 * i * torch.randn_like(base)) for i in range(4)]
@@ -228,7 +227,6 @@ def test_residual_sharing_captures_at_last_dense_step_and_applies_later():
 def test_residual_refresh_and_capture_without_dense_steps():
     plan = AttentionPlan(BandConfig(window=8), residual=True, residual_refresh=2, block_size=8)
     rt = AttentionRuntime(plan, 1)
-    fw = Adapter(rt)
     q, k, v = _qkv()
     _run_steps(rt, 5, [(q, k, v)] * 5)
     # step 0: nothing to apply -> capture; steps 2 and 4 refresh; 1 and 3 apply
