@@ -122,8 +122,8 @@ class Runner:
         return torch.cat(frames), torch.cat(lats), time.perf_counter() - t0
 
     def score(self, cfg: dict) -> dict:
+        from fastattn.evaluation.metrics import psnr, rel_l2, ssim
         from fastattn.testbed.fast import enable
-        from fastattn.testbed.metrics import psnr, rel_l2, ssim
 
         kw = dict(cfg)
         preset = kw.pop("preset", None)

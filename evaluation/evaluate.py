@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..testbed import metrics
+from . import metrics
 from .configs import EvalConfig, as_config, unique_labels
 from .probe import AttentionErrorProbe
 
@@ -431,32 +431,46 @@ def _check_inputs(pipe, configs, prompts, seeds) -> tuple[list[EvalConfig], list
 # ------------------------------------------------------------------------------------------- stats
 
 
-def _stats_summary(handle, kernel_before: dict) -> dict:
-    from ..attn_kernels import ops as kernel_ops
+def _model_stats(handle) -> list[dict]:
+    """``handle.stats()`` as one dict per enabled transformer (it returns the dict itself for one)."""
+    stats = handle.stats()
+    return [stats] if "models" not in stats else list(stats["models"])
 
-    runtimes = handle.runtimes
-    total = sum(rt.stats.work_total for rt in runtimes)
-    done = sum(rt.stats.work_done for rt in runtimes)
-    fallbacks, planned = Counter(), Counter()
-    calls = sparse = 0
-    for rt in runtimes:
-        fallbacks.update(rt.stats.fallbacks)
-        planned.update(rt.stats.planned_dense)
-        calls += rt.stats.calls
-        sparse += rt.stats.sparse_calls
-    after = kernel_ops.fallback_counts()
-    kernel = {r: n - kernel_before.get(r, 0) for r, n in after.items() if n != kernel_before.get(r, 0)}
+
+def _stats_summary(handle) -> dict:
+    """What ran under ``handle`` since its last ``reset_stats()``, from ``handle.stats()`` alone.
+
+    ``handle.stats()`` folds in the device-side work of dynamic masks, so its density is the one to report.
+    Counters are summed over the transformers; ``density`` is theirs weighted by attention work where the
+    stats give it (``work_total``), else by calls (exact when the transformers share shapes, e.g. Wan 2.2's
+    two experts). ``fallbacks`` are every dense fallback with its reason, the kernel's own prefixed
+    ``kernel:``; ``models`` keeps each transformer's full stats.
+    """
+    models = _model_stats(handle)
+    fallbacks, planned, notes = Counter(), Counter(), Counter()
+    for m in models:
+        fallbacks.update(m.get("fallbacks", {}))
+        planned.update(m.get("planned_dense", {}))
+        notes.update(m.get("notes", {}))
+    calls = sum(m["calls"] for m in models)
+    sparse = sum(m["sparse_calls"] for m in models)
+    if len(models) == 1:
+        density = models[0]["density"]
+    else:
+        weight = "work_total" if all("work_total" in m for m in models) else "calls"
+        total = sum(m[weight] for m in models)
+        density = sum(m["density"] * m[weight] for m in models) / total if total else 1.0
     return {
-        "density": done / total if total else 1.0,
+        "density": density,
         "calls": calls,
         "sparse_calls": sparse,
         "dense_calls": calls - sparse,
         "planned_dense": dict(planned),
         "fallbacks": dict(fallbacks),
         "fallback_calls": sum(fallbacks.values()),
-        "kernel_fallbacks": kernel,
-        "plan": [m.plan.describe() for m in handle.models],
-        "models": [m.stats() for m in handle.models],
+        "notes": dict(notes),
+        "plan": [m.get("plan") for m in models],
+        "models": models,
     }
 
 
@@ -651,8 +665,6 @@ def _evaluate_config(
     """One configuration: enable, (probed warm-up), timed runs compared with ``dense``, stats, disable."""
     import fastattn
 
-    from ..attn_kernels import ops as kernel_ops
-
     handle = fastattn.enable(pipe, **config.enable_kwargs)
     try:
         probe = AttentionErrorProbe(handle.runtimes, attn_layers, attn_rows) if probe_on else None
@@ -661,7 +673,6 @@ def _evaluate_config(
             first = _probed(pipe, kwargs_for(*runs[0]), capture, probe)
             bar.update()
         handle.reset_stats()
-        kernel_before = kernel_ops.fallback_counts()
         timed, first_timed = [], None
         for i, ((p, s), ref) in enumerate(zip(runs, dense)):
             out = _run_once(pipe, kwargs_for(p, s), capture)
@@ -671,7 +682,7 @@ def _evaluate_config(
             row.update(_compare_run(out, ref))
             timed.append(row)
             bar.update()
-        stats = _stats_summary(handle, kernel_before)
+        stats = _stats_summary(handle)
         if not warmup and probe is not None:  # after the timed runs, for the same reason
             first = _probed(pipe, kwargs_for(*runs[0]), capture, probe)
             bar.update()

@@ -1,9 +1,10 @@
 """Per-step attention-output error of the fast path, measured beside a normal pipeline run.
 
-:class:`AttentionErrorProbe` wraps each runtime's ``sparse_fn`` (the block-sparse kernel the runtime calls
-for every call its plan serves) with a function that returns the kernel's output unchanged and, for a
-sample of calls, also computes exact attention on the same ``q, k, v`` and records the relative L2 error
-keyed by the denoising step (``runtime.state.step``)::
+:class:`AttentionErrorProbe` registers an observer with each runtime (``runtime.add_observer``): after every
+call the plan's method serves through the sparse kernel the runtime hands it an
+:class:`~fastattn.attention.observe.ObservedCall` (``q, k, v``, the kernel's ``out``, the call's
+``ForwardContext`` and layer). For a sample of those calls the probe computes exact attention on the same
+``q, k, v`` and records the relative L2 error keyed by the denoising step::
 
     probe = AttentionErrorProbe(handle.runtimes, layers=4, rows=1024)
     with probe:
@@ -11,20 +12,20 @@ keyed by the denoising step (``runtime.state.step``)::
     probe.summary()  # {"per_step": [{"step": 0, "mean": ..., "max": ..., "calls": n}, ...], ...}
 
 Sampling keeps the cost small at video lengths: in each transformer forward every ``ceil(L / layers)``-th
-sparse call is measured, and only ``rows`` evenly spaced query rows of it (all keys), in float32. Calls
-the plan runs dense never reach ``sparse_fn`` and are exact by construction. The runtime is not modified:
-``sparse_fn`` is an attribute of the runtime instance, restored on exit.
+served call is measured, and only ``rows`` evenly spaced query rows of it (all keys), in float32. Calls
+the plan runs dense are never observed and are exact by construction. The probe only reads what the
+runtime shows it: the model's output is the same with and without it.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 import torch.nn.functional as F
 
-from ..testbed.metrics import rel_l2
+from .metrics import rel_l2
 
 
 def exact_rows(q, k, v, rows: torch.Tensor | None, scale: float | None, chunk: int = 256) -> torch.Tensor:
@@ -60,9 +61,9 @@ class AttentionErrorProbe:
         self.layers = layers
         self.rows = rows
         self.records: list[dict] = []
-        self._saved: list[tuple[object, bool, object]] = []
+        self._removers: list = []
 
-    # ------------------------------------------------------------------ install / restore
+    # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> AttentionErrorProbe:
         self.install()
         return self
@@ -71,61 +72,64 @@ class AttentionErrorProbe:
         self.remove()
 
     def install(self) -> None:
-        if self._saved:
+        """Register one observer per runtime (a second install while installed does nothing)."""
+        if self._removers:
             return
         for index, rt in enumerate(self.runtimes):
-            self._saved.append((rt, "sparse_fn" in rt.__dict__, rt.sparse_fn))
-            rt.sparse_fn = self._wrap(index, rt, rt.sparse_fn)
+            self._removers.append(rt.add_observer(self._observer(index, rt)))
 
     def remove(self) -> None:
-        for rt, had_own, original in reversed(self._saved):
-            if had_own:
-                rt.sparse_fn = original
-            else:
-                rt.__dict__.pop("sparse_fn", None)
-        self._saved = []
+        for remove in reversed(self._removers):
+            remove()
+        self._removers = []
 
-    # ------------------------------------------------------------------ the wrapper
+    # ------------------------------------------------------------------ the observer
     def _stride(self, rt) -> int:
         if self.layers is None:
             return 1
         return max(1, math.ceil((rt.num_layers or self.layers) / self.layers))
 
-    def _wrap(self, index: int, rt, original):
-        seen = {"state": None, "n": 0}
+    def _observer(self, index: int, rt):
+        # Served calls counted per forward. A forward is one ForwardContext object (held here, so its id is
+        # not reused while counted); the same object with another (step, cfg_branch) is a new forward too.
+        # The last few forwards are kept, so forwards that interleave (two threads) keep their own counts.
+        forwards: OrderedDict = OrderedDict()
 
-        def probed_sparse_fn(q, k, v, block_mask, *args, **kwargs):
-            out = original(q, k, v, block_mask, *args, **kwargs)
-            state = rt.state
-            if state is not seen["state"]:
-                seen["state"], seen["n"] = state, 0
-            n = seen["n"]
-            seen["n"] += 1
+        def observe(call) -> None:
+            ctx = call.ctx
+            key = (id(ctx), ctx.step, ctx.cfg_branch)
+            entry = forwards.get(key)
+            if entry is None:
+                entry = forwards[key] = [ctx, 0]
+                while len(forwards) > 8:
+                    forwards.popitem(last=False)
+            n = entry[1]
+            entry[1] += 1
             if n % self._stride(rt):
-                return out
-            fast = out[0] if isinstance(out, tuple) else out
-            with torch.no_grad():
-                s = q.shape[2]
-                rows = None
-                if self.rows is not None and self.rows < s:
-                    rows = torch.linspace(0, s - 1, self.rows, device=q.device).round().long().unique()
-                ref = exact_rows(q, k, v, rows, kwargs.get("scale"))
-                got = fast if rows is None else fast.index_select(2, rows)
-                err = float(rel_l2(got.float()[None], ref[None]))
-            self.records.append(
-                {
-                    "model": index,
-                    "step": state.step if state is not None else None,
-                    "cfg_branch": state.cfg_branch if state is not None else None,
-                    "layer": state.layer_counter - 1 if state is not None else None,
-                    "rel_l2": err,
-                    "block_density": float(block_mask.block_density()) if block_mask is not None else 1.0,
-                }
-            )
-            return out
+                return
+            self.records.append(self._measure(index, call))
 
-        probed_sparse_fn.__wrapped__ = original
-        return probed_sparse_fn
+        return observe
+
+    def _measure(self, index: int, call) -> dict:
+        q, k, v, out = call.q, call.k, call.v, call.out
+        with torch.no_grad():
+            s = q.shape[2]
+            rows = None
+            if self.rows is not None and self.rows < s:
+                rows = torch.linspace(0, s - 1, self.rows, device=q.device).round().long().unique()
+            ref = exact_rows(q, k, v, rows, call.scale)
+            got = out if rows is None else out.index_select(2, rows)
+            err = float(rel_l2(got.float()[None], ref[None]))
+        return {
+            "model": index,
+            "step": call.ctx.step,
+            "cfg_branch": call.ctx.cfg_branch,
+            "layer": call.layer,
+            "rel_l2": err,
+            "block_density": float(call.block_density),
+            "quant": call.quant,
+        }
 
     # ------------------------------------------------------------------ results
     def summary(self) -> dict:

@@ -160,10 +160,7 @@ def _html(report: dict, png: Path | None, note: str | None) -> str:
         img = f"<p><em>{e(note)}</em></p>"
     fallbacks = "".join(
         f"<li>{e(c['label'])}: "
-        + (
-            ", ".join(f"{e(r)}: {n}" for r, n in {**c["fallbacks"], **c["kernel_fallbacks"]}.items())
-            or "none"
-        )
+        + (", ".join(f"{e(r)}: {n}" for r, n in c["fallbacks"].items()) or "none")
         + "</li>"
         for c in report["configs"]
         if "error" not in c

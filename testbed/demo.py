@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.metrics import summarize
 from ..masks import TokenLayout
 from .fast import enable
-from .metrics import summarize
 from .sample import load_testbed, sample
 
 

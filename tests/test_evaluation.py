@@ -181,7 +181,7 @@ def test_cli_end_to_end(pipe_dir, tmp_path, capsys):
             assert m["psnr"] is not None and 10 < m["psnr"] < 200 and m["rel_l2"] > 0, (c["label"], m)
             assert 0 < m["ssim"] < 1 and m["exact_runs"] == 0
         assert c["density"] < 1 and c["sparse_calls"] > 0
-        assert c["fallbacks"] == {"cross-attention (S_q != S_kv)": c["calls"] // 2}
+        assert c["fallbacks"] == {}  # only self-attention reaches the runtime (no cross-attention fallback)
         assert c["repeatable"] is True  # the probed warm-up run gave the same output as the timed run
         assert c["speedup"] > 0 and c["time_s"] > 0 and c["decode_s"] > 0
         att = c["attention_error"]
@@ -258,35 +258,185 @@ def test_python_api_precomputed_embeddings_and_no_plot(tmp_path, monkeypatch):
     assert not hasattr(pipe, "_fastattn_handle")
 
 
-def test_probe_measures_the_kernel_error_and_restores():
-    from fastattn.attention.runtime import AttentionRuntime
+def test_dynamic_density_is_the_one_handle_stats_reports():
+    """Regression: the eval summary read the runtime counters before the device-side work of dynamic masks
+    was folded in and reported density 0.0; it now comes from ``handle.stats()``."""
+    from fastattn.evaluation.evaluate import _stats_summary
+
+    pipe = _bare_wan_pipe()
+    method = dict(method="dynamic", block_size=BS, min_density=0.3, max_density=0.6)
+    handle = pipe.enable_fast_attention(**method)
+    try:
+        with torch.no_grad():
+            _pipeline_tests._call(pipe, steps=2)
+        summary = _stats_summary(handle)
+        want = handle.stats()
+    finally:
+        handle.disable()
+    assert summary["sparse_calls"] > 0 and summary["sparse_calls"] == want["sparse_calls"]
+    assert 0 < summary["density"] < 1 and summary["density"] == pytest.approx(want["density"])
+    assert summary["fallbacks"] == want["fallbacks"] and summary["calls"] == want["calls"]
+    assert "kernel_fallbacks" not in summary  # kernel fallbacks are in "fallbacks", prefixed "kernel:"
+
+    report = evaluate_pipeline(
+        pipe, [{**method, "label": "dynamic"}], ["p0"], steps=2, height=64, width=96, num_frames=9,
+        call_kwargs_fn=_embeddings, attn_layers=1, attn_rows=20, progress=False, stop_on_error=True,
+    )  # fmt: skip
+    (dyn,) = report["configs"]
+    assert 0 < dyn["density"] < 1 and dyn["sparse_calls"] > 0
+    assert dyn["density"] == pytest.approx(dyn["models"][0]["density"])
+    assert dyn["attention_error"]["sampled_calls"] > 0
+
+
+def test_stats_summary_over_two_transformers():
+    """Several transformers (Wan 2.2's two experts): counters summed, density weighted by calls (the stats
+    give no work totals), each model's stats kept."""
+    from types import SimpleNamespace
+
+    from fastattn.evaluation.evaluate import _stats_summary
+
+    def model(calls, sparse, density, fallbacks):
+        return {"calls": calls, "sparse_calls": sparse, "density": density, "fallbacks": fallbacks,
+                "planned_dense": {"dense_steps": calls - sparse}, "notes": {}, "plan": {"method": "x"}}  # fmt: skip
+
+    models = [model(30, 20, 0.5, {"kernel: head_dim 80": 2}), model(10, 10, 0.3, {"kernel: head_dim 80": 1})]
+    summary = _stats_summary(SimpleNamespace(stats=lambda: {"models": models}))
+    assert summary["density"] == pytest.approx((0.5 * 30 + 0.3 * 10) / 40)
+    assert (summary["calls"], summary["sparse_calls"], summary["dense_calls"]) == (40, 30, 10)
+    assert summary["fallbacks"] == {"kernel: head_dim 80": 3} and summary["fallback_calls"] == 3
+    assert summary["planned_dense"] == {"dense_steps": 10} and summary["models"] == models
+
+
+# ------------------------------------------------------------------------------------ probe
+
+
+class _FakeRuntime:
+    """The observer side of :class:`~fastattn.attention.runtime.AttentionRuntime`: ``add_observer`` (returns
+    the remover), ``num_layers``, ``plan``; ``serve`` plays one call the method served through the kernel."""
+
+    def __init__(self, num_layers=4, residual=False):
+        from types import SimpleNamespace
+
+        self.num_layers = num_layers
+        self.plan = SimpleNamespace(residual=residual)
+        self.observers = []
+
+    def add_observer(self, fn):
+        self.observers.append(fn)
+        return lambda: self.observers.remove(fn) if fn in self.observers else None
+
+    def serve(self, ctx, layer, q, k, v, out, scale=None, density=0.5, quant="none"):
+        from fastattn.attention.observe import ObservedCall
+
+        call = ObservedCall(ctx, layer, q, k, v, out, scale, density, quant)
+        for fn in list(self.observers):
+            fn(call)
+
+
+def _noisy_attention(q, k, v, noise: float, seed: int):
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return exact + noise * torch.randn(exact.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_probe_samples_served_calls_per_forward_fake_runtime():
+    from fastattn.attention.context import ForwardContext
     from fastattn.masks import TokenLayout
-    from fastattn.plans.methods import BandConfig
-    from fastattn.plans.schema import AttentionPlan
 
     layout = TokenLayout.video(2, 4, 4)
-    rt = AttentionRuntime(AttentionPlan(method=BandConfig(window=4), block_size=BS), num_layers=2)
-    original = rt.sparse_fn
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, layout.seq_len, 2, 16, generator=g) for _ in range(3))
-    rt.begin_forward(layout, 500.0)
-    plain = rt.attend(q, k, v)
-    rt.end_forward()
-    probe = AttentionErrorProbe([rt], layers=None, rows=None)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, generator=g) for _ in range(3))
+    rt, other = _FakeRuntime(num_layers=4), _FakeRuntime(num_layers=2, residual=True)
+    # rt: every 2nd served call of a forward; other: every call
+    probe = AttentionErrorProbe([rt, other], layers=2, rows=None)
     with probe:
-        rt.begin_forward(layout, 400.0)
-        probed = rt.attend(q, k, v)
-        rt.end_forward()
-    assert rt.sparse_fn is original
-    assert torch.equal(plain, probed)  # the probe never changes what the model gets
-    exact = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
-    want = float((probed.transpose(1, 2) - exact).norm() / exact.norm())
-    (rec,) = probe.records
-    assert rec["step"] == 1 and rec["layer"] == 0 and rec["block_density"] < 1
-    assert rec["rel_l2"] == pytest.approx(want, rel=1e-5) and want > 0.05
-    assert probe.summary()["per_step"] == [
-        {"step": 1, "mean": rec["rel_l2"], "max": rec["rel_l2"], "calls": 1}
+        probe.install()  # a second install while installed registers nothing more
+        assert len(rt.observers) == len(other.observers) == 1
+        for step in range(2):
+            for branch in range(2):
+                ctx = ForwardContext(layout, step, 2, branch)  # one context object per forward
+                for layer in (0, 1, 3):  # layer 2 ran dense by plan: never observed
+                    out = _noisy_attention(q, k, v, 0.01 * (layer + 1), seed=layer)
+                    rt.serve(ctx, layer, q, k, v, out, density=torch.tensor(0.25))
+        other.serve(ForwardContext(layout, 5, 6, 0), 1, q, k, v, _noisy_attention(q, k, v, 0.1, 9))
+    assert rt.observers == [] and other.observers == []  # removed on exit
+    rt.serve(ForwardContext(layout, 3, 4, 0), 0, q, k, v, q)  # not recorded any more
+
+    mine = [r for r in probe.records if r["model"] == 0]
+    # Per forward the served calls are layers 0, 1, 3: the 1st and 3rd are sampled.
+    assert [(r["step"], r["cfg_branch"], r["layer"]) for r in mine] == [
+        (s, b, layer) for s in range(2) for b in range(2) for layer in (0, 3)
     ]
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for r in mine:
+        got = _noisy_attention(q, k, v, 0.01 * (r["layer"] + 1), seed=r["layer"])
+        assert r["rel_l2"] == pytest.approx(float((got - exact).norm() / exact.norm()), rel=1e-5)
+        assert r["block_density"] == 0.25 and r["quant"] == "none"
+    (theirs,) = [r for r in probe.records if r["model"] == 1]
+    assert (theirs["step"], theirs["layer"]) == (5, 1) and theirs["block_density"] == 0.5
+    summary = probe.summary()
+    assert [(p["step"], p["calls"]) for p in summary["per_step"]] == [(0, 4), (1, 4), (5, 1)]
+    assert summary["sampled_calls"] == 9 and summary["before_residual"] is True
+    assert summary["max"] == max(r["rel_l2"] for r in probe.records)
+
+
+def test_probe_rows_and_new_forward_detection_fake_runtime():
+    """Sampled query rows only; the same context object with another (step, CFG branch) is a new forward."""
+    from fastattn.attention.context import ForwardContext
+    from fastattn.masks import TokenLayout
+
+    layout = TokenLayout.video(2, 4, 4)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, generator=g) for _ in range(3))
+    out = _noisy_attention(q, k, v, 0.05, seed=3)
+    rt = _FakeRuntime(num_layers=4)
+    probe = AttentionErrorProbe([rt], layers=1, rows=8)
+    with probe:
+        ctx = ForwardContext(layout, 0, 2, 0)
+        for layer in range(4):
+            rt.serve(ctx, layer, q, k, v, out, scale=0.5)
+        rt.serve(ForwardContext(layout, 0, 2, 0), 0, q, k, v, out, scale=0.5)  # equal, but a new forward
+    assert [r["layer"] for r in probe.records] == [0, 0]
+    rows = torch.linspace(0, layout.seq_len - 1, 8).round().long().unique()
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)[:, :, rows]
+    want = float((out[:, :, rows] - exact).norm() / exact.norm())
+    assert probe.records[0]["rel_l2"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="layers"):
+        AttentionErrorProbe([rt], layers=0)
+
+
+def test_probe_with_the_real_runtime():
+    """REAL runtime + probe (the runtime's observer interface, not a fake): the testbed DiT through
+    ``fastattn.testbed.fast.enable``. The probe records the sampled served calls with their step and layer,
+    never changes the output, and unregisters on exit."""
+    from fastattn.testbed.fast import enable
+    from fastattn.testbed.model import TestbedConfig, TestbedDiT
+    from fastattn.testbed.sample import sample
+
+    torch.manual_seed(0)
+    model = TestbedDiT(TestbedConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    depth = len(model.blocks)
+    kw = dict(frames=2, size=32, num_steps=3, seed=3)
+    handle = enable(model, method="band", window=2, block_size=16, dense_steps=1)
+    try:
+        plain = sample(model, [1], **kw)
+        probe = AttentionErrorProbe([handle.runtime], layers=None, rows=None)
+        with probe:
+            probed = sample(model, [1], **kw)
+        after = sample(model, [1], **kw)
+        stats = handle.stats()
+    finally:
+        handle.disable()
+    assert torch.equal(plain, probed) and torch.equal(plain, after)  # the probe never changes the output
+    assert getattr(handle.runtime, "_observers", []) == []
+    # dense_steps=1: step 0 runs dense by plan (never observed); steps 1 and 2 every layer
+    assert [(r["step"], r["layer"]) for r in probe.records] == [(s, i) for s in (1, 2) for i in range(depth)]
+    assert all(0 < r["block_density"] < 1 and r["rel_l2"] > 0 for r in probe.records)
+    assert stats["sparse_calls"] == 3 * 2 * depth  # three runs, two sparse steps each
+    summary = probe.summary()
+    assert [p["step"] for p in summary["per_step"]] == [1, 2] and summary["sampled_calls"] == 2 * depth
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -316,7 +466,7 @@ def test_bad_configs_and_prompts(pipe_dir, tmp_path):
         main(_args(pipe_dir, tmp_path / "o", "--method", "sparse9:0.3"))
     with pytest.raises(SystemExit, match="must be a density like 0.3"):
         main(_args(pipe_dir, tmp_path / "o", "--method", "window3d:abc"))
-    with pytest.raises(SystemExit, match=r"method 'window3d' takes .*got \['foo'\]"):
+    with pytest.raises(SystemExit, match=r"unknown field\(s\) \['foo'\]; known for method 'window3d'"):
         main(_args(pipe_dir, tmp_path / "o", "--method", "window3d:0.3,foo=1"))
     with pytest.raises(SystemExit, match="takes no argument 'bogus'"):
         main(_args(pipe_dir, tmp_path / "o", "--method", "dense", "--pipe-arg", "bogus=1"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastattn.evaluation.metrics import psnr
 from fastattn.testbed.fast import enable
-from fastattn.testbed.metrics import psnr
 from fastattn.testbed.model import TestbedConfig, TestbedDiT
 from fastattn.testbed.sample import sample
 

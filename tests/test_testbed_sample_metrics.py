@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from fastattn.testbed.metrics import psnr, rel_l2, ssim, summarize
+from fastattn.evaluation.metrics import psnr, rel_l2, ssim, summarize
 from fastattn.testbed.model import TestbedConfig, TestbedDiT
 from fastattn.testbed.sample import flow_times, sample
 

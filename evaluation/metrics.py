@@ -1,7 +1,8 @@
 """Fidelity metrics against a reference (dense) output: PSNR, SSIM and relative L2.
 
 Images/frames are ``[..., C, H, W]`` (e.g. video ``[B, F, C, H, W]``); every leading index is one image.
-Per-image values are averaged unless ``reduction="none"``.
+Per-image values are averaged unless ``reduction="none"``. Used by ``fastattn eval``, the attention-error
+probe, the testbed and the benchmarks (this module depends on torch only).
 """
 
 from __future__ import annotations
