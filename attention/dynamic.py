@@ -16,7 +16,7 @@ import torch
 
 from ..masks.block_mask import BlockMask
 from ..masks.layout import BlockGeometry, TokenLayout
-from ..plans.methods import DynamicConfig
+from ..plans.methods import DynamicConfig, register_call_handler
 
 _GEOM_CACHE: dict = {}
 
@@ -99,6 +99,11 @@ def _sampled_block_mass(q, k, layout, block_size, scale, rows, group) -> torch.T
         mass = scores.softmax(-1).view(b, hs.stop - h0, n, rows, n, per_block).sum(-1).mean(3)
         out[:, hs] = mass
     return out
+
+
+@register_call_handler(DynamicConfig)
+def _dynamic_handler(config: DynamicConfig, q, k, layout: TokenLayout, block_size: int, scale) -> BlockMask:
+    return select_blocks(q, k, layout, config, block_size, scale)
 
 
 def select_blocks(

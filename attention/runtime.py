@@ -26,10 +26,10 @@ from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..masks.block_mask import BlockMask
 from ..masks.layout import AXIS_ORDERS, TokenLayout
 from ..masks.permutations import head_permutations
-from ..plans.methods import DenseConfig, MethodConfig, build_mask
+from ..plans.methods import DenseConfig, MethodConfig, build_mask, call_handler
 from ..plans.schema import AttentionPlan
 from .context import ForwardContext, ForwardState
-from .dynamic import select_blocks
+from . import dynamic  # noqa: F401  (registers the dynamic method's per-call handler)
 from .observe import ObservedCall
 from .stats import AttentionStats
 
@@ -321,11 +321,14 @@ class AttentionRuntime:
     def _sparse(self, q, k, v, call, work: HeadWork | None, count: bool = True):
         plan = self.plan
         if work is None:
-            mask = self._selection(q, k, call) if plan.method.dynamic else self.masks.get(
-                plan.method, call.layout, plan.block_size
-            )
+            select = call_handler(plan.method)
+            if select is not None:
+                mask = self._selection(select, q, k, call)
+                density = mask.block_density_tensor()  # summed on the device: no host sync per call
+            else:
+                mask = self.masks.get(plan.method, call.layout, plan.block_size)
+                density = mask.block_density()
             out, fallback = self._kernel(q, k, v, mask, call.scale, plan.quant, None)
-            density = mask.block_density_tensor() if plan.method.dynamic else mask.block_density()
         else:
             out, fallback, density = self._per_head(q, k, v, call, work)
         if not count:
@@ -380,20 +383,21 @@ class AttentionRuntime:
         density = _computed_density(work.mask, computed, q.shape[1])
         return out, fallback, density
 
-    def _selection(self, q, k, call) -> BlockMask:
-        """The dynamic block selection for this call: computed, or reused from an earlier step of the same layer
-        and CFG pass (``reuse_steps``) when the layout and shapes are unchanged."""
+    def _selection(self, select, q, k, call) -> BlockMask:
+        """The per-call block selection of a dynamic method: computed by its handler, or reused from an
+        earlier step of the same layer and CFG pass (``reuse_steps``) when the layout and shapes are unchanged."""
         cfg = self.plan.method
         ctx = call.ctx
-        slot = (call.layer, ctx.cfg_branch) if cfg.reuse_steps > 1 else None
+        reuse_steps = getattr(cfg, "reuse_steps", 1)
+        slot = (call.layer, ctx.cfg_branch) if reuse_steps > 1 else None
         if slot is not None:
             hit = self.selections.get(slot)
             if hit is not None:
                 step, lay, shape, mask = hit
-                if lay == call.layout and shape == q.shape and 0 <= ctx.step - step < cfg.reuse_steps:
+                if lay == call.layout and shape == q.shape and 0 <= ctx.step - step < reuse_steps:
                     self.stats.selection_reuses += 1
                     return mask
-        mask = select_blocks(q, k, call.layout, cfg, self.plan.block_size, call.scale)
+        mask = select(cfg, q, k, call.layout, self.plan.block_size, call.scale)
         self.stats.selections += 1
         if slot is not None:
             self.selections[slot] = (ctx.step, call.layout, q.shape, mask)

@@ -18,7 +18,9 @@ from .methods import (
     StripesConfig,
     Window3DConfig,
     build_mask,
+    call_handler,
     method_from_name,
+    register_call_handler,
     register_method_handler,
 )
 from .schema import AttentionPlan, known_keys
@@ -38,8 +40,10 @@ __all__ = [
     "StripesConfig",
     "Window3DConfig",
     "build_mask",
+    "call_handler",
     "known_keys",
     "make_plan",
     "method_from_name",
+    "register_call_handler",
     "register_method_handler",
 ]

@@ -256,8 +256,30 @@ def build_mask(config: MethodConfig, layout: TokenLayout, block_size: int) -> Bl
     """The structural block mask of ``config`` on ``layout`` (head-shared, on the CPU)."""
     handler = _HANDLERS.get(type(config))
     if handler is None:
-        raise TypeError(f"no mask handler registered for {type(config).__name__} (method {config.name!r})")
+        kind = "is chosen per call (see call_handler)" if type(config) in _CALL_HANDLERS else "has no handler"
+        raise TypeError(f"method {config.name!r} ({type(config).__name__}) {kind}, not a structural mask")
     return handler(config, layout, block_size)
+
+
+# Methods whose blocks depend on the call's q and k (``dynamic``): ``fn(config, q, k, layout, block_size,
+# scale) -> BlockMask`` with q, k ``[B, H, S, D]``. The runtime registers them (they run on the device).
+_CALL_HANDLERS: dict[type, Callable] = {}
+
+
+def register_call_handler(config_type: type):
+    """Decorator: ``fn(config, q, k, layout, block_size, scale) -> BlockMask`` selects ``config_type``'s
+    blocks for one call."""
+
+    def deco(fn):
+        _CALL_HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def call_handler(config: MethodConfig) -> Callable | None:
+    """The per-call handler of ``config``'s method, or None for structural methods."""
+    return _CALL_HANDLERS.get(type(config))
 
 
 def method_from_name(method: str, density: float | None = None, **params) -> MethodConfig:
