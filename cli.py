@@ -1,4 +1,4 @@
-"""The ``fastattn`` command line: ``fastattn demo``, ``fastattn eval`` and ``fastattn bench``."""
+"""The ``fastattn`` command line: ``fastattn demo``, ``fastattn eval``, ``fastattn bench`` and ``fastattn preset``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,85 @@ def cmd_demo(args: argparse.Namespace) -> None:
              quant=args.quant, device=args.device, frames=args.frames, size=args.size)  # fmt: skip
 
 
+def cmd_preset(args: argparse.Namespace) -> None:
+    """``fastattn preset list | inspect | validate | pull | push``: structural presets and plan files."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .plans import files, hub
+    from .plans.meta import ModelFingerprint
+    from .presets import structural_presets
+
+    if args.action == "list":
+        for family, levels in structural_presets().items():
+            for level, p in levels.items():
+                knobs = ", ".join(f"{k}={p[k]}" for k in ("density", "quant", "dense_steps") if k in p)
+                print(f"{family}/{level}: {p['method']} ({knobs})")
+        for d in files.shipped_plans():
+            print(f"plan file: {d}")
+        return
+    if args.action == "push":
+        loaded = files.load_plan(args.source)
+        address = hub.push_plan(loaded.plan, args.repo_id, subdir=args.subdir, token=args.token, meta=loaded.meta,
+                                private=args.private or None, revision=args.revision)  # fmt: skip
+        print(f"pushed {args.source} to {address}")
+        return
+    fingerprint = None
+    if getattr(args, "family", None):
+        fingerprint = ModelFingerprint(args.family, None, args.layers, args.heads, args.head_dim)
+    try:
+        loaded = files.load_plan(args.source, fingerprint=fingerprint)
+    except (ValueError, OSError) as e:
+        if args.action != "validate":
+            raise
+        print(f"invalid: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.action == "validate":
+        print(f"ok: {args.source}" + (f" (commit {loaded.commit})" if loaded.commit else ""))
+    elif args.action == "inspect":
+        out = {"source": loaded.source, "commit": loaded.commit, "plan": loaded.plan.describe(),
+               "meta": loaded.meta.to_dict()}  # fmt: skip
+        print(json.dumps(out, indent=1))
+    elif args.action == "pull":
+        addr = hub.parse_hf_address(args.source)
+        names = [files.PLAN_JSON] + ([files.PLAN_TENSORS] if loaded.plan.heads is not None else [])
+        paths = [hub.fetch_plan_file(addr, n, revision=loaded.commit)[0] for n in names]
+        if args.to:
+            Path(args.to).mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                shutil.copyfile(path, Path(args.to) / path.name)
+            files.load_plan(args.to)  # the copy is a valid plan directory
+        print(f"pulled {args.source} (commit {loaded.commit}) to {args.to or paths[0].parent}")
+
+
+def _add_preset_parser(sub) -> None:
+    p = sub.add_parser("preset", help="list structural presets; inspect, validate, pull and push plan files")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="the shipped structural presets per family and shipped plan files")
+    src = "a plan directory, its plan.json, or hf://owner/repo[/subdir][@revision]"
+    for name, text in (("inspect", "print a plan file's settings, head table summary and meta as JSON"),
+                       ("validate", "load a plan file strictly; exit status 1 with the reason if invalid")):  # fmt: skip
+        a = actions.add_parser(name, help=text)
+        a.add_argument("source", help=src)
+        if name == "validate":
+            a.add_argument("--family", help="check it fits a model of this family ...")
+            a.add_argument("--layers", type=int, help="... with this many self-attention layers")
+            a.add_argument("--heads", type=int, help="... attention heads")
+            a.add_argument("--head-dim", type=int, help="... and head_dim")
+    a = actions.add_parser("pull", help="download a plan from the Hub into the Hub cache (and --to DIR)")
+    a.add_argument("source", help="hf://owner/repo[/subdir][@revision]")
+    a.add_argument("--to", default=None, help="also copy plan.json (+ plan.safetensors) into this directory")
+    a = actions.add_parser("push", help="upload a plan directory to a Hub model repo (created if missing)")
+    a.add_argument("source", help="a plan directory (or its plan.json)")
+    a.add_argument("repo_id", help="owner/name of the model repo")
+    a.add_argument("--subdir", default=None, help="folder in the repo (several plans per repo)")
+    a.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    a.add_argument("--revision", default=None, help="an existing branch (default: main)")
+    a.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(func=cmd_preset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastattn", description="Fast attention for diffusion transformers.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cpu-smoke", action="store_true", help="run every kernel variant on a small problem")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=cmd_bench)
+    _add_preset_parser(sub)
     return ap
 
 

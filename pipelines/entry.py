@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..plans import AttentionPlan, make_plan
 from .families import adapter_for
-from .integration import enable_models, find_transformers
+from .integration import enable_models, find_transformers, model_fingerprint
 
 
 def enable(
@@ -45,7 +45,10 @@ def enable(
     models, pipe = find_transformers(target)
     if preset is None and method is None and plan is None:
         preset = "balanced"
-    plans = [make_plan(adapter_for(m).family, preset, method, density, plan, **settings) for m in models]
+    plans = [
+        make_plan(adapter_for(m).family, preset, method, density, plan, fingerprint=model_fingerprint(m), **settings)
+        for m in models
+    ]
     _disable_existing(target, models)
     return enable_models(models, pipe, plans, num_steps)
 

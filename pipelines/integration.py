@@ -209,6 +209,22 @@ def find_transformers(target) -> tuple[list, object | None]:
     return [target], None
 
 
+def model_fingerprint(model):
+    """What a plan file is checked against: family, class, self-attention layers, heads, head_dim."""
+    from ..plans.meta import ModelFingerprint
+
+    adapter = adapter_for(model)
+    cfg = getattr(model, "config", None)
+    head_dim = getattr(cfg, "attention_head_dim", None) if cfg is not None else None
+    return ModelFingerprint(
+        family=adapter.family,
+        model_class=type(model).__name__,
+        num_layers=sum(1 for p in model.attn_processors if adapter.self_attention(p)),
+        num_heads=model_num_heads(model),
+        head_dim=int(head_dim) if isinstance(head_dim, int) else None,
+    )
+
+
 def model_num_heads(model) -> int | None:
     """Attention heads per layer from the model's config (None when it does not say)."""
     cfg = getattr(model, "config", None)

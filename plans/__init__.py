@@ -25,6 +25,19 @@ from .methods import (
 )
 from .schema import AttentionPlan, known_keys
 
+
+def __getattr__(name):
+    # Plan files and the Hub load lazily (huggingface_hub / safetensors only when used).
+    if name in ("save_plan", "load_plan", "LoadedPlan", "PlanFileError", "PlanMismatchError"):
+        from . import files
+
+        return getattr(files, name)
+    if name in ("ModelFingerprint", "PlanMeta"):
+        from . import meta
+
+        return getattr(meta, name)
+    raise AttributeError(f"module 'fastattn.plans' has no attribute {name!r}")
+
 __all__ = [
     "METHODS",
     "ArrowConfig",

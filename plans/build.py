@@ -16,6 +16,8 @@ def make_plan(
     method=None,
     density: float | None = None,
     plan: AttentionPlan | None = None,
+    *,
+    fingerprint=None,
     **settings,
 ) -> AttentionPlan:
     """The :class:`AttentionPlan` for a model of ``family`` from a preset, a plan, or a method plus settings.
@@ -23,6 +25,10 @@ def make_plan(
     ``settings`` are the plan's fields and the method's parameters (``quant=``, ``dense_steps=``,
     ``window=``...); ``None`` values are ignored. Explicit settings override the preset's
     (``preset="balanced", quant="none"``). Unknown names are refused with the list of known ones.
+
+    A preset may also be a plan file: ``hf://owner/repo[/subdir][@revision]``, a plan directory or its
+    ``plan.json``. It is checked against ``fingerprint`` (a :class:`~fastattn.plans.meta.ModelFingerprint`
+    of the model it will run on; by default only ``family`` is known) and refused when made for another model.
     """
     settings = {k: v for k, v in settings.items() if v is not None}
     if plan is not None:
@@ -41,7 +47,25 @@ def make_plan(
     source = "settings"
     if preset is not None:
         from ..presets import resolve_preset
+        from .files import is_plan_source, load_plan
+        from .meta import ModelFingerprint
 
+        if is_plan_source(preset):  # hf://owner/repo[/subdir][@rev], a plan directory or its plan.json
+            fingerprint = fingerprint or ModelFingerprint(family=family)
+            if fingerprint.family != family:
+                raise ValueError(f"fingerprint is for family {fingerprint.family!r}, make_plan for {family!r}")
+            base = load_plan(preset, fingerprint=fingerprint).plan
+            if density is None and not settings:
+                return base
+            fields = {**base.to_dict(), **settings}
+            if density is not None:
+                fields["density"] = density
+                if "clamp_density" not in settings:
+                    fields.pop("clamp_density", None)
+                for geometric in ("window", "factor"):
+                    if geometric not in settings:
+                        fields.pop(geometric, None)
+            return AttentionPlan.from_dict(fields, f"plan {preset!r}").replace(heads=base.heads)
         fields = resolve_preset(preset, family)
         source = f"preset {preset!r}"
     elif method is None:

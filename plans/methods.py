@@ -34,12 +34,25 @@ class MethodConfig:
     dynamic: ClassVar[bool] = False
 
 
+def _ints(value, name: str, what: str, count: int | None, minimum: int) -> tuple[int, ...] | int:
+    """``value`` as ``count`` ints >= ``minimum`` (one int when ``count`` is None), or a clear error."""
+    items = [value] if count is None else value
+    if count is not None and (isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))):
+        raise ValueError(f"{name}: {what} must be {count} ints, got {value!r}")
+    if count is not None and len(items) != count:
+        raise ValueError(f"{name}: {what} must be {count} ints, got {len(items)}: {value!r}")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+            raise ValueError(f"{name}: {what} must hold ints >= {minimum}, got {value!r}")
+    return items[0] if count is None else tuple(items)
+
+
 def _check_density(density: float | None, name: str, clamp: bool = False) -> None:
     if not isinstance(clamp, bool):
         raise TypeError(f"{name}: clamp_density must be True or False, got {clamp!r}")
     if density is None:
         return
-    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ValueError(
             f"{name}: density must be a fraction in (0, 1] of the block pairs to compute, got {density!r}"
         )
@@ -77,7 +90,9 @@ class Window3DConfig(MethodConfig):
         _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("window3d: give exactly one of window=(wf, wh, ww) or density=")
-        if self.order.upper() not in AXIS_ORDERS:
+        if self.window is not None:
+            object.__setattr__(self, "window", _ints(self.window, self.name, "window (wf, wh, ww)", 3, 0))
+        if not isinstance(self.order, str) or self.order.upper() not in AXIS_ORDERS:
             raise ValueError(f"window3d: order must be one of {AXIS_ORDERS}, got {self.order!r}")
 
 
@@ -101,6 +116,11 @@ class RadialConfig(MethodConfig):
         _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("radial: give exactly one of window=(wh, ww) or density=")
+        if self.window is not None:
+            win = _ints(self.window, self.name, "window (wh, ww)", 2, 0)
+            object.__setattr__(self, "window", win)
+        if self.temporal_window is not None:
+            _ints(self.temporal_window, self.name, "temporal_window (frames)", None, 0)
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,8 @@ class BandConfig(MethodConfig):
         _check_density(self.density, self.name, self.clamp_density)
         if (self.window is None) == (self.density is None):
             raise ValueError("band: give exactly one of window= (tokens) or density=")
+        if self.window is not None:
+            _ints(self.window, self.name, "window (tokens)", None, 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,8 @@ class ArrowConfig(MethodConfig):
         _check_density(self.density, self.name, self.clamp_density)
         if (self.factor is None) == (self.density is None):
             raise ValueError("arrow: give exactly one of factor= or density=")
+        if self.factor is not None:
+            _ints(self.factor, self.name, "factor", None, 1)
 
 
 @dataclass(frozen=True)

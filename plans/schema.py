@@ -207,6 +207,29 @@ class AttentionPlan:
         if self.heads is not None:
             self.heads.check_model(num_layers, num_heads)
 
+    # ------------------------------------------------------------------ plan files (plans/files.py, plans/hub.py)
+    def save(self, directory, meta=None):
+        """Write this plan as a plan directory (``plan.json`` + ``plan.safetensors``); returns its path."""
+        from .files import save_plan
+
+        return save_plan(self, directory, meta)
+
+    @classmethod
+    def load(cls, source, **kw) -> AttentionPlan:
+        """The plan in a directory, its ``plan.json`` or ``hf://owner/repo[/subdir][@revision]``; ``kw`` as
+        :func:`fastattn.plans.files.load_plan` (``fingerprint=``, ``layout=``, ``adapt=``), which also gives
+        the file's meta."""
+        from .files import load_plan
+
+        return load_plan(source, **kw).plan
+
+    def push_to_hub(self, repo_id: str, subdir: str | None = None, **kw) -> str:
+        """Upload as a plan directory to a Hub model repo; returns ``hf://repo_id[/subdir]@<commit>``.
+        ``kw`` as :func:`fastattn.plans.hub.push_plan` (``token=``, ``meta=``, ``private=``, ``revision=``)."""
+        from .hub import push_plan
+
+        return push_plan(self, repo_id, subdir, **kw)
+
 
 def _name(method) -> str:
     return method.name if isinstance(method, MethodConfig) else str(method)

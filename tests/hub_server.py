@@ -72,10 +72,14 @@ class HubServer:
             if repo_id in self.repos:
                 return False
             self.repos[repo_id] = _Repo()
-            self._commit(repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs\n"}, [], "init")
+            self._commit(
+                repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs\n"}, [], "init"
+            )
             return True
 
-    def commit(self, repo_id: str, files: dict[str, bytes], deletes=(), message="commit", branch="main") -> str:
+    def commit(
+        self, repo_id: str, files: dict[str, bytes], deletes=(), message="commit", branch="main"
+    ) -> str:
         """A new commit on ``branch`` adding/replacing ``files`` and deleting ``deletes`` (paths or folders/)."""
         self.create_repo(repo_id)
         with self.lock:
@@ -158,7 +162,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = url.path.strip("/").split("/")
         query = parse_qs(url.query)
         if len(parts) >= 5 and parts[2] == "resolve":
-            return self._resolve(f"{parts[0]}/{parts[1]}", unquote(parts[3]), unquote("/".join(parts[4:])), head)
+            return self._resolve(
+                f"{parts[0]}/{parts[1]}", unquote(parts[3]), unquote("/".join(parts[4:])), head
+            )
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
             repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
             if not rest or rest[0] == "revision":
@@ -221,9 +227,10 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["api", "repos", "create"]:
             req = json.loads(body)
             repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
-            if not self.server_hub.create_repo(repo_id):
-                return self._error(409, None, "You already created this model repo")
-            return self._json(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+            url = {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id}
+            if not self.server_hub.create_repo(repo_id):  # the Hub's 409 also carries the url
+                return self._json(409, {"error": "You already created this model repo", **url})
+            return self._json(200, url)
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
             repo_id, revision = f"{parts[2]}/{parts[3]}", unquote("/".join(parts[5:]))
             repo = self._repo(repo_id)
@@ -255,4 +262,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, None, f"unsupported commit operation {key!r} (no LFS/xet here)")
         sha = self.server_hub.commit(repo_id, files, deletes, message, branch)
         host = self.headers["Host"]
-        self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"http://{host}/{repo_id}/commit/{sha}"})
+        self._json(
+            200, {"success": True, "commitOid": sha, "commitUrl": f"http://{host}/{repo_id}/commit/{sha}"}
+        )

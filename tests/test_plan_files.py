@@ -131,11 +131,15 @@ def test_structural_plan_round_trips_without_tensor_file(tmp_path):
 
 def test_fingerprint_mismatch_says_what_differs(saved):
     assert load_plan(saved, fingerprint=FP).plan is not None
-    assert load_plan(saved, fingerprint=ModelFingerprint("wan")).plan is not None  # unknown fields: not compared
+    assert (
+        load_plan(saved, fingerprint=ModelFingerprint("wan")).plan is not None
+    )  # unknown fields: not compared
     with pytest.raises(PlanMismatchError, match=r"layers: plan 4, model 30; heads: plan 3, model 12") as e:
         load_plan(saved, fingerprint=ModelFingerprint("wan", "WanTransformer3DModel", 30, 12, 128))
     assert "another model" in str(e.value)
-    with pytest.raises(PlanMismatchError, match=r"family: plan 'wan', model 'flux'.*head_dim: plan 128, model 64"):
+    with pytest.raises(
+        PlanMismatchError, match=r"family: plan 'wan', model 'flux'.*head_dim: plan 128, model 64"
+    ):
         load_plan(saved, fingerprint=ModelFingerprint("flux", None, 4, 3, 64))
     with pytest.raises(ValueError, match="another model"):
         make_plan("flux", str(saved))
@@ -167,7 +171,9 @@ def test_shipped_plan_files_match_the_structural_presets(tmp_path):
     assert [p.name for p in shipped] == sorted(p.name for p in fresh)
     assert len(shipped) == sum(len(v) for v in structural_presets().values())
     for d in fresh:
-        assert (PRESET_DIR / "plans" / d.name / PLAN_JSON).read_bytes() == (d / PLAN_JSON).read_bytes(), d.name
+        assert (PRESET_DIR / "plans" / d.name / PLAN_JSON).read_bytes() == (d / PLAN_JSON).read_bytes(), (
+            d.name
+        )
         assert not (PRESET_DIR / "plans" / d.name / PLAN_TENSORS).exists()
     for d in shipped:
         family, level = d.name.rsplit("-", 1)
@@ -399,7 +405,10 @@ def test_nan_float_tensor_is_refused(saved):
     from safetensors.torch import save
 
     h, _ = read(saved)
-    tensors = {"method_index": torch.zeros(G, L, H, dtype=torch.int16), "reuse": torch.full((G, L, H), float("nan"))}
+    tensors = {
+        "method_index": torch.zeros(G, L, H, dtype=torch.int16),
+        "reuse": torch.full((G, L, H), float("nan")),
+    }
     h["heads"]["tensors"] = ["method_index", "reuse"]
     rewrite(saved, h, save(tensors))
     refused(saved, "tensor 'reuse' has dtype 'F32'", "['BOOL']")
@@ -449,7 +458,10 @@ def test_unlisted_tensor_names_are_refused(saved):
     from safetensors.torch import save
 
     _, blob = read(saved)
-    tensors = {"method_index": torch.zeros(G, L, H, dtype=torch.int16), "../../evil": torch.zeros(1, dtype=torch.int8)}
+    tensors = {
+        "method_index": torch.zeros(G, L, H, dtype=torch.int16),
+        "../../evil": torch.zeros(1, dtype=torch.int8),
+    }
     rewrite(saved, blob=save(tensors))
     refused(saved, "holds tensors ['../../evil', 'method_index']")
 

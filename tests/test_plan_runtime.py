@@ -310,3 +310,22 @@ def test_head_table_validation():
     table = HeadTable.uniform(BandConfig(window=4), 3, 2)
     with pytest.raises(ValueError, match="covers 3 layers, the model has 2"):
         AttentionPlan(BandConfig(window=4), heads=table).check_model(2, 2)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(method="radial", window=(0, 0), temporal_window=-1), "temporal_window"),
+        (dict(method="window3d", window=(-1, -1, -1)), r"ints >= 0"),
+        (dict(method="window3d", window=(1, 2)), "must be 3 ints"),
+        (dict(method="window3d", window="abc"), "must be 3 ints"),
+        (dict(method="band", window=-5), r"ints >= 0"),
+        (dict(method="arrow", factor=0), r"ints >= 1"),
+        (dict(method="band", window=1e30), r"ints >= 0"),
+        (dict(method="window3d", density=True), "density must be a fraction"),
+    ],
+)
+def test_method_parameters_checked_when_the_plan_is_made(settings, match):
+    """Bad geometry is refused by make_plan (before enable touches a model), not at the first forward."""
+    with pytest.raises(ValueError, match=match):
+        make_plan("wan", **settings)
