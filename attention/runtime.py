@@ -28,8 +28,8 @@ from ..masks.layout import AXIS_ORDERS, TokenLayout
 from ..masks.permutations import head_permutations
 from ..plans.methods import DenseConfig, MethodConfig, build_mask, call_handler
 from ..plans.schema import AttentionPlan
-from .context import ForwardContext, ForwardState
 from . import dynamic  # noqa: F401  (registers the dynamic method's per-call handler)
+from .context import ForwardContext, ForwardState
 from .observe import ObservedCall
 from .stats import AttentionStats
 
