@@ -45,11 +45,8 @@ def sdpa_dense(query, key, value, attn_mask=None, scale=None):
 
 def kernel_attention(q, k, v, mask, *, scale=None, quant="none", perm=None):
     """The kernel layer's block-sparse attention: ``(out, fallback reason or None)``."""
-    before = kernel_ops.fallback_counts()
-    out = kernel_ops.sparse_attention(q, k, v, mask, scale=scale, quant=quant, perm=perm)
-    after = kernel_ops.fallback_counts()
-    changed = [r for r, n in after.items() if n != before.get(r, 0)]
-    return out, (changed[0] if changed else None)
+    result = kernel_ops.run_attention(q, k, v, mask, scale=scale, quant=quant, perm=perm, need_lse=False)
+    return result.out, result.fallback
 
 
 class MaskCache:

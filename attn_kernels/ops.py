@@ -1,11 +1,17 @@
-"""Public entry point of the kernel layer: input checks, backend choice, custom op, fallbacks.
+"""Public entry points of the kernel layer: input checks, backend choice, custom op, fallbacks.
 
-``sparse_attention`` is registered as the ``torch.library`` custom op ``fastattn::sparse_attention`` so
-``torch.compile`` treats it as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run the
-exact PyTorch reference (or the Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and
-``backend="triton"``). Inputs the kernel cannot serve (head_dim other than 64/128, fp32, a GPU older
-than Ampere) run exact dense SDPA instead; every such fallback is counted with its reason and warned
-about once.
+``run_attention`` takes q ``[B, H, Sq, D]``, k and v ``[B, H, Skv, D]`` and block lists over a
+:class:`~fastattn.attn_kernels.geometry.KernelGeometry` (``Sq != Skv`` allowed: a query chunk against a
+key chunk), and returns an :class:`AttentionResult`: the output, the log-sum-exp, and the reason exact
+dense attention ran instead of the kernel (``None`` when it did not); it counts nothing.
+``sparse_attention`` is the backward-compatible self-attention wrapper (BlockMask in, output out) that
+warns once per fallback reason; :func:`run_attention` returns the reason with every call.
+
+Both run the ``torch.library`` custom op ``fastattn::sparse_attention`` so ``torch.compile`` treats the
+kernel as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run the exact PyTorch
+reference (or the Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and ``backend="triton"``).
+Inputs the kernel cannot serve (head_dim other than 64/128, fp32, a GPU older than Ampere) run exact
+dense attention instead.
 """
 
 from __future__ import annotations
@@ -14,38 +20,40 @@ import functools
 import math
 import warnings
 import weakref
-from collections import Counter
+from typing import NamedTuple
 
 import torch
 
-from ..masks.block_mask import BlockMask
-from ..masks.layout import TokenLayout
 from . import quantize as Qz
-from .reference import attention_reference
+from .geometry import BlockLists, KernelGeometry, check_block_lists
+from .reference import attention_reference, reference_attention
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
-_fallbacks: Counter = Counter()
 _warned: set[str] = set()
-# perm tensors already checked, by id: (weak reference, tensor version at the check, device copies)
-_perm_cache: dict[int, tuple] = {}
+# tensors already checked, by ids: (weak references, versions at the check, what the check left behind)
+_checked: dict[tuple[int, ...], tuple] = {}
 
 
-def _perm_entry(perm: torch.Tensor):
-    entry = _perm_cache.get(id(perm))
-    if entry is None or entry[0]() is not perm or entry[1] != perm._version:
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def _memo(*tensors: torch.Tensor):
+    """What was remembered about these tensors, while they live unchanged (None otherwise)."""
+    entry = _checked.get(tuple(map(id, tensors)))
+    if entry is None or any(r() is not t for r, t in zip(entry[0], tensors)):
         return None
-    return entry
+    return entry[2] if entry[1] == tuple(map(_version, tensors)) else None
 
 
-def fallback_counts() -> dict[str, int]:
-    """How many calls fell back to dense attention, by reason."""
-    return dict(_fallbacks)
-
-
-def reset_fallback_counts() -> None:
-    _fallbacks.clear()
+def _remember(value, *tensors: torch.Tensor):
+    if len(_checked) > 256:
+        _checked.clear()
+    refs, versions = tuple(map(weakref.ref, tensors)), tuple(map(_version, tensors))
+    _checked[tuple(map(id, tensors))] = (refs, versions, value)
+    return value
 
 
 def _warn_once(key: str, message: str, stacklevel: int) -> None:
@@ -55,14 +63,28 @@ def _warn_once(key: str, message: str, stacklevel: int) -> None:
 
 
 def _record_fallback(reason: str) -> None:
-    _fallbacks[reason] += 1
-    _warn_once(reason, f"fastattn: dense attention fallback ({reason}); counted in fallback_counts()", 3)
+    """``sparse_attention`` says a fallback out loud once per reason (``run_attention`` returns it)."""
+    _warn_once(reason, f"fastattn: dense attention fallback ({reason}); run_attention returns it per call", 3)
+
+
+class AttentionResult(NamedTuple):
+    """What one attention call returns."""
+
+    out: torch.Tensor  # [B, H, Sq, D]: q's dtype (and q's strides from the kernel)
+    lse: torch.Tensor  # [B, H, Sq] float32 natural-log log-sum-exp; -inf for rows that read no key
+    fallback: str | None  # why exact dense attention ran instead of the kernel; None if it did not
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def check_inputs(q, k, v, block_mask, perm, quant) -> None:
+def _check_backend(backend: str) -> None:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+
+
+def _check_tensors(q, k, v, square: bool) -> None:
+    """q ``[B, H, Sq, D]``, k and v ``[B, H, Skv, D]`` (``Skv == Sq`` when ``square``)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, H, S, D], got {type(t).__name__}")
@@ -70,56 +92,78 @@ def check_inputs(q, k, v, block_mask, perm, quant) -> None:
             raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.shape == k.shape and k.shape[:3] == v.shape[:3] and v.shape[-1] == q.shape[-1]):
-        raise ValueError(
-            "q, k and v must share [B, H, S, D] (self-attention layout); got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    b, h, _, d = q.shape
+    if square:
+        ok = q.shape == k.shape and k.shape[:3] == v.shape[:3] and v.shape[-1] == d
+        expected = "q, k and v must share [B, H, S, D] (self-attention layout)"
+    else:
+        ok = k.shape[:2] == q.shape[:2] and k.shape[3] == d and v.shape == k.shape
+        expected = (
+            f"k and v must be [B, H, Skv, D] = [{b}, {h}, Skv, {d}], the batch, heads and head_dim of q "
+            "[B, H, Sq, D]"
         )
+    if not ok:
+        raise ValueError(f"{expected}; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if any(st == 0 for t in (q, k, v) for st in t.stride()[2:]) and q.shape[2] > 1:
+    if any(st == 0 and n > 1 for t in (q, k, v) for st, n in zip(t.stride()[2:], t.shape[2:])):
         raise ValueError("q, k, v must not be broadcast (stride 0) along tokens or channels")
-    Qz.QuantSpec.parse(quant)
-    b, h, s, _ = q.shape
-    if block_mask is not None:
-        if not isinstance(block_mask, BlockMask):
-            raise TypeError(
-                f"block_mask must be a fastattn BlockMask or None, got {type(block_mask).__name__}"
-            )
-        if not torch.compiler.is_compiling():
-            block_mask.validate(b, h, s)
-    if perm is not None:
-        if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64):
-            raise TypeError("perm must be an int32/int64 tensor [S] or [H, S]")
-        if perm.shape not in ((s,), (h, s)):
-            raise ValueError(f"perm must be [S]={s} or [H, S]=({h}, {s}), got {tuple(perm.shape)}")
-        if not torch.compiler.is_compiling() and _perm_entry(perm) is None:
-            ok = torch.equal(
-                torch.sort(perm.long(), dim=-1).values, torch.arange(s, device=perm.device).expand_as(perm)
-            )
-            if not ok:
-                raise ValueError("perm must be a permutation of range(S) (per head)")
-            if len(_perm_cache) > 256:
-                _perm_cache.clear()
-            _perm_cache[id(perm)] = (weakref.ref(perm), perm._version, {})
+
+
+def _check_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    if not (hasattr(block_mask, "block_lists") and hasattr(block_mask, "validate")):
+        raise TypeError(f"block_mask must be a fastattn BlockMask or None, got {type(block_mask).__name__}")
+    if not torch.compiler.is_compiling():
+        block_mask.validate(batch, heads, q_len, kv_len)  # remembered on the mask
+
+
+def _check_lists(lists: BlockLists, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    """Shapes on every call; index ranges (a device sync) once per unchanged counts/indices tensors."""
+    check_block_lists(lists, batch, heads, q_len, kv_len, values=False)
+    if torch.compiler.is_compiling():
+        return
+    seen = _memo(lists.counts, lists.indices)  # key-block counts these lists were checked against
+    if seen is None or lists.geometry.kv_blocks not in seen:
+        check_block_lists(lists, batch, heads, q_len, kv_len)
+        (seen if seen is not None else _remember(set(), lists.counts, lists.indices)).add(
+            lists.geometry.kv_blocks
+        )
+
+
+def _check_perm(perm, heads: int, seq_len: int) -> None:
+    if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64):
+        raise TypeError("perm must be an int32/int64 tensor [S] or [H, S]")
+    h, s = heads, seq_len
+    if perm.shape not in ((s,), (h, s)):
+        raise ValueError(f"perm must be [S]={s} or [H, S]=({h}, {s}), got {tuple(perm.shape)}")
+    if not torch.compiler.is_compiling() and _memo(perm) is None:
+        ok = torch.equal(
+            torch.sort(perm.long(), dim=-1).values, torch.arange(s, device=perm.device).expand_as(perm)
+        )
+        if not ok:
+            raise ValueError("perm must be a permutation of range(S) (per head)")
+        _remember({}, perm)  # device copies of perm, filled by _perm_on
 
 
 def _perm_on(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
     """int32 contiguous copy of ``perm`` on ``device``, cached while ``perm`` is unchanged."""
-    entry = None if torch.compiler.is_compiling() else _perm_entry(perm)
-    if entry is None:
+    copies = None if torch.compiler.is_compiling() else _memo(perm)
+    if copies is None:
         return perm.to(device=device, dtype=torch.int32).contiguous()
-    copies = entry[2]
     if device not in copies:
         copies[device] = perm.to(device=device, dtype=torch.int32).contiguous()
     return copies[device]
 
 
 @functools.lru_cache(maxsize=64)
-def _dense_mask(seq_len: int, block_size: int) -> BlockMask:
-    return BlockMask.dense(TokenLayout(seq_len), block_size)
+def _dense_lists(geometry: KernelGeometry, device: torch.device) -> BlockLists:
+    """Every query block reads every key block."""
+    nq, nk = geometry.q_blocks, geometry.kv_blocks
+    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    return BlockLists(counts, indices, geometry)
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -135,21 +179,22 @@ def _sparse_attention_op(
     perm: torch.Tensor | None,
     scale: float,
     block_size: int,
-    split: int,
+    q_split: int,
+    kv_split: int,
     quant: str,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = BlockMask(kv_counts, kv_indices, TokenLayout(q.shape[2], split, True), block_size)
+    geometry = KernelGeometry(q.shape[2], k.shape[2], block_size, q_split, kv_split)
+    lists = BlockLists(kv_counts, kv_indices, geometry)
     if use_triton:
         from .triton_attention import triton_attention
 
-        return triton_attention(q, k, v, mask, scale, quant, perm)
-    out, lse = attention_reference(q, k, v, mask, scale, quant, perm)
-    return out, lse
+        return triton_attention(q, k, v, lists, scale, quant, perm)
+    return reference_attention(q, k, v, lists, scale, quant, perm)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, perm, scale, block_size, split, quant, use_triton):
+def _(q, k, v, kv_counts, kv_indices, perm, scale, block_size, q_split, kv_split, quant, use_triton):
     b, h, s, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -178,11 +223,76 @@ def pv_fp8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def run_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    counts,
+    indices: torch.Tensor | None = None,
+    geometry: KernelGeometry | None = None,
+    *,
+    scale: float | None = None,
+    quant: str = "none",
+    perm: torch.Tensor | None = None,
+    backend: str = "auto",
+    need_lse: bool = True,
+) -> AttentionResult:
+    """Block-sparse (optionally reordered, quantized) attention of ``Sq`` queries against ``Skv`` keys.
+
+    Args:
+        q: ``[B, H, Sq, D]``; k, v: ``[B, H, Skv, D]`` (any strides; ``[B, S, H, D]`` memory viewed through
+            ``.transpose(1, 2)`` works without a copy). float16/bfloat16 for the kernel; float32 runs the
+            reference on the CPU and exact dense attention on a GPU.
+        counts, indices, geometry: block lists, int32 ``[Bm, Hm, nQ]`` and ``[Bm, Hm, nQ, maxK]`` (``Bm`` 1 or
+            B, ``Hm`` 1 or H; query block ``i`` reads key blocks ``indices[..., i, :counts[..., i]]``), and the
+            :class:`KernelGeometry` they index (its ``q_len``/``kv_len`` must be Sq/Skv), best on q's device.
+            Index ranges are checked once per unchanged tensors (a device sync). Or one ``BlockMask`` as
+            ``counts``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        quant: a mode of :data:`fastattn.attn_kernels.QUANT_MODES` (see :func:`sparse_attention`).
+        perm: gather index ``[S]`` or ``[H, S]``, self-attention only (``Sq == Skv``): attention runs on the
+            reordered tokens (the block lists are in that order), the output comes back in the original one.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        need_lse: False when the caller uses only ``out``: a dense fallback then runs SDPA and ``lse`` is
+            None (the kernel path returns it anyway, at no cost).
+
+    Returns:
+        :class:`AttentionResult` ``(out [B, H, Sq, D], lse [B, H, Sq] float32, fallback)``. ``lse`` is the
+        natural-log log-sum-exp of each row's scaled scores (``-inf``, with ``out`` 0, for a row that reads
+        no key), so results over disjoint key sets merge exactly. ``fallback``: why exact dense attention
+        ran instead of the kernel (the block lists are then ignored), else ``None``; nothing is counted.
+    """
+    _check_backend(backend)
+    _check_tensors(q, k, v, square=False)
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    if isinstance(counts, torch.Tensor):
+        if indices is None or geometry is None:
+            raise TypeError("run_attention takes counts, indices and geometry (or one BlockMask as counts)")
+        lists = BlockLists(counts, indices, geometry)
+        _check_lists(lists, b, h, sq, skv)
+        if counts.device != q.device or indices.device != q.device:
+            lists = BlockLists(counts.to(q.device), indices.to(q.device), geometry)
+    elif indices is None and geometry is None:
+        _check_mask(counts, b, h, sq, skv)
+        lists = counts.to(q.device).block_lists()
+    else:
+        raise TypeError(
+            f"counts must be an int32 tensor [Bm, Hm, nQ] (or a BlockMask), got {type(counts).__name__}"
+        )
+    Qz.QuantSpec.parse(quant)
+    if perm is not None:
+        if sq != skv:
+            raise ValueError(f"perm reorders self-attention tokens: needs Sq == Skv, got Sq={sq}, Skv={skv}")
+        _check_perm(perm, h, sq)
+    return _attend(q, k, v, lists, scale, quant, perm, backend, need_lse=need_lse)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: BlockMask | None = None,
+    block_mask=None,
     *,
     scale: float | None = None,
     quant: str = "none",
@@ -190,12 +300,13 @@ def sparse_attention(
     return_lse: bool = False,
     backend: str = "auto",
 ):
-    """Block-sparse (optionally reordered, quantized) attention.
+    """Block-sparse (optionally reordered, quantized) self-attention; :func:`run_attention` for masks.
 
     Args:
         q, k, v: ``[B, H, S, D]`` (any strides; a ``[B, S, H, D]`` tensor's ``.transpose(1, 2)`` works
             without a copy). float16/bfloat16 for the kernel; float32 runs the reference.
-        block_mask: which key blocks each query block reads; ``None`` means dense.
+        block_mask: a :class:`~fastattn.masks.BlockMask`: which key blocks each query block reads; ``None``
+            means dense.
         scale: softmax scale, default ``1/sqrt(D)``.
         quant: ``"none"``, ``"int8"`` / ``"int4"`` (integer Q·Kᵀ, 16-bit P·V) or ``"int8-fp8"`` /
             ``"int4-fp8"`` (FP8 P·V on sm_89+; 16-bit P·V elsewhere), or ``"fp8"`` (FP8 Q·Kᵀ and P·V on
@@ -207,59 +318,59 @@ def sparse_attention(
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``out`` with q's shape, dtype and strides, or ``(out, lse)``.
+        ``out`` with q's shape, dtype and strides, or ``(out, lse)``. A dense fallback is warned about once
+        per reason (:func:`run_attention` returns the reason instead).
     """
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    check_inputs(q, k, v, block_mask, perm, quant)
-    b, h, s, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    _check_backend(backend)
+    _check_tensors(q, k, v, square=True)
+    b, h, s, _ = q.shape
+    if block_mask is None:
+        lists = _dense_lists(KernelGeometry.square(s, 128), q.device)
+    else:
+        _check_mask(block_mask, b, h, s, s)
+        lists = block_mask.to(q.device).block_lists()
+    Qz.QuantSpec.parse(quant)
+    if perm is not None:
+        _check_perm(perm, h, s)
+    res = _attend(q, k, v, lists, scale, quant, perm, backend, need_lse=return_lse)
+    if res.fallback is not None:
+        _record_fallback(res.fallback)
+    return (res.out, res.lse) if return_lse else res.out
+
+
+def _attend(q, k, v, lists: BlockLists, scale, quant, perm, backend, need_lse) -> AttentionResult:
+    """Inputs checked: pick the backend and run. A dense fallback without ``need_lse`` has ``lse`` None."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not scale > 0:  # the kernel's running max assumes scores keep their order
         raise ValueError(f"scale must be a positive float (softmax temperature), got {scale}")
     if quant.endswith("fp8") and not pv_fp8_supported(q.device):
         # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
         served = "int8" if quant == "fp8" else quant[: -len("-fp8")]
         note = f"quant {quant!r} served as {served!r} on {q.device} (no FP8 tensor cores)"
-        _warn_once(note, f"fastattn: {note}", 2)
+        _warn_once(note, f"fastattn: {note}", 3)
         quant = served
-    mask = block_mask if block_mask is not None else _dense_mask(s, 128)
 
-    if backend == "reference":
-        use_triton = False
-    else:
+    use_triton = False
+    if backend != "reference":
         from .triton_attention import interpreting
 
-        reason = _triton_reason(q, quant)
-        can_run = q.is_cuda or interpreting()
-        if backend == "triton" and not can_run:
+        if backend == "triton" and not (q.is_cuda or interpreting()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-        use_triton = reason is None and (q.is_cuda or backend == "triton")
-        if reason is not None and (q.is_cuda or backend == "triton"):
-            _record_fallback(reason)
-            return _dense_fallback(q, k, v, scale, return_lse)
-    if use_triton and mask.block_size != 128 and q.is_cuda and not interpreting():
-        raise ValueError(f"the GPU kernel takes block_size 128 masks, got {mask.block_size}")
-    mask = mask.to(q.device)
+        use_triton = q.is_cuda or backend == "triton"
+        reason = _triton_reason(q, quant) if use_triton else None
+        if reason is not None:
+            return AttentionResult(*_dense_fallback(q, k, v, scale, need_lse), reason)
+        if use_triton and lists.geometry.block_size != 128 and q.is_cuda and not interpreting():
+            raise ValueError(f"the GPU kernel takes block_size 128 masks, got {lists.geometry.block_size}")
+    counts, indices, geom = lists  # on q's device
     perm_t = None if perm is None else _perm_on(perm, q.device)
-    out, lse = _sparse_attention_op(
-        q,
-        k,
-        v,
-        mask.kv_counts,
-        mask.kv_indices,
-        perm_t,
-        scale,
-        mask.block_size,
-        mask.layout.split,
-        quant,
-        use_triton,
-    )
-    return (out, lse) if return_lse else out
+    args = (perm_t, scale, geom.block_size, geom.q_split, geom.kv_split, quant, use_triton)
+    out, lse = _sparse_attention_op(q, k, v, counts, indices, *args)
+    return AttentionResult(out, lse, None)
 
 
-def _dense_fallback(q, k, v, scale, return_lse):
-    """Exact dense attention (ignores the mask: the fallback is always the exact model)."""
-    if not return_lse:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    out, lse = attention_reference(q, k, v, None, scale)
-    return out, lse
+def _dense_fallback(q, k, v, scale, need_lse):
+    """Exact dense attention (ignores the block lists: the fallback is always the exact model)."""
+    if not need_lse:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None
+    return attention_reference(q, k, v, None, scale)

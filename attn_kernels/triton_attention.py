@@ -12,8 +12,10 @@ Switches:
 - ``PERM_Q`` / ``PERM_K`` / ``PERM_V`` / ``PERM_OUT``: token rows are gathered through ``perm`` on load and the output
   scattered back on store, so reordered attention needs no extra pass over Q/K/V/O.
 
-Blocks follow the mask geometry: ``nb0`` blocks of the first segment ``[0, split)``, then blocks of
-``[split, S)``; the last block of each segment may be short and is masked.
+Blocks follow :class:`~fastattn.attn_kernels.geometry.KernelGeometry`, on each side its own: ``nb0``
+query blocks of the first segment ``[0, split)``, then blocks of ``[split, S)``; key blocks likewise with
+``kv_nb0``, ``kv_split`` and ``S_KV`` (``S_KV != S``: a query chunk against a key chunk). The last block
+of each segment may be short and is masked.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks.block_mask import BlockMask
 from . import quantize as Qz
+from .geometry import BlockLists
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -84,7 +86,7 @@ def _attn_fwd(
     scb, sch, scq,
     sib, sih, siq,
     sph,
-    H, S, split, nb0, qk_scale,
+    H, S, split, nb0, S_KV, kv_split, kv_nb0, qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -148,7 +150,7 @@ def _attn_fwd(
         if K_PER_HEAD:
             q_scale = q_scale * tl.load(KS + b * H + h)
         else:
-            KS += (b * H + h) * S
+            KS += (b * H + h) * S_KV
 
     m_i = tl.full([ROWS], -float("inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -160,7 +162,7 @@ def _attn_fwd(
     SUB: tl.constexpr = BLOCK_M // BLOCK_N
     for i in tl.range(count, warp_specialize=WARP_SPEC):
         kb = tl.load(idx_ptr + i)
-        k_start, k_end = _block_range(kb, nb0, split, S, BLOCK_M)
+        k_start, k_end = _block_range(kb, kv_nb0, kv_split, S_KV, BLOCK_M)
         for sub in tl.static_range(SUB):
             cols = k_start + sub * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < k_end
@@ -418,7 +420,7 @@ def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: BlockMask,
+    blocks,
     scale: float | None = None,
     quant: str = "none",
     perm: torch.Tensor | None = None,
@@ -426,14 +428,20 @@ def triton_attention(
     two_level: bool = False,
     use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel. Inputs are validated by :mod:`fastattn.attn_kernels.ops`; this only launches."""
+    """Launch the kernel: q ``[B, H, Sq, D]``, k and v ``[B, H, Skv, D]`` -> ``(out [B, H, Sq, D], lse [B, H,
+    Sq] float32)``. ``blocks``: :class:`BlockLists`, or a mask with ``block_lists()`` (a BlockMask).
+
+    Inputs are validated by :mod:`fastattn.attn_kernels.ops`; this only launches."""
+    cnt, idx, geom = blocks if isinstance(blocks, BlockLists) else blocks.block_lists()
     b, h, s, d = q.shape
+    s_kv = k.shape[2]
     spec = Qz.QuantSpec.parse(quant)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    bm = block_mask.block_size
+    bm = geom.block_size
+    tile_len = max(s, s_kv)  # the tile tables were measured on self-attention of this length
     if use_tma is None:
-        use_tma = tma_available(q) and not (tiles is None and _short_d64(d, spec.qk_bits > 0, s))
-    t = Tiles(*tiles) if tiles else default_tiles(d, spec.qk_bits > 0, bm, s, use_tma)
+        use_tma = tma_available(q) and not (tiles is None and _short_d64(d, spec.qk_bits > 0, tile_len))
+    t = Tiles(*tiles) if tiles else default_tiles(d, spec.qk_bits > 0, bm, tile_len, use_tma)
     block_n = min(t.block_n, bm)
     rows = min(t.rows or bm, bm)
     if bm % rows or (rows < bm and rows < 16):
@@ -460,8 +468,7 @@ def triton_attention(
     else:
         v_strides = vv.stride()
 
-    cnt, idx = block_mask.kv_counts, block_mask.kv_indices
-    grid = (block_mask.num_blocks * (bm // rows), b * h)
+    grid = (geom.q_blocks * (bm // rows), b * h)
     qd = kd = vd = None
     if use_tma:
         if not has_perm:
@@ -470,7 +477,7 @@ def triton_attention(
             kd = _descriptor(kk, [1, 1, block_n, d])
         if spec.pv_fp8:
             # transposed FP8 V: the token offset is the innermost coordinate and must be 16-byte aligned
-            if block_mask.layout.split % 16 == 0:
+            if geom.kv_split % 16 == 0:
                 vd = _descriptor(vv, [1, 1, d, block_n])
         elif not perm_v:
             vd = _descriptor(vv, [1, 1, block_n, d])
@@ -478,7 +485,7 @@ def triton_attention(
         q, kk, vv, out, lse, ks, vs, kmean, cnt, idx, perm_t, qd, kd, vd,
         *q.stride(), *kk.stride(), *v_strides, *out.stride(),
         *_mask_strides(cnt, b, h), *_mask_strides(idx, b, h), sph,
-        h, s, block_mask.layout.split, block_mask.geometry.blocks_in_first_segment, scale * LOG2E,
+        h, s, geom.q_split, geom.q_blocks_first, s_kv, geom.kv_split, geom.kv_blocks_first, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=block_n, QUANT=bool(spec.qk_bits), K_PER_HEAD=spec.k_granularity == "head", QK_FP8=spec.qk_fp8, PV_FP8=spec.pv_fp8,
         PERM_Q=has_perm, PERM_K=perm_k, PERM_V=perm_v, PERM_OUT=has_perm, P_SHIFT=math.log2(Qz.P_FP8_SCALE) if spec.pv_fp8 else 0.0,
         QMAX=spec.qmax if spec.qk_bits else 1.0, TWO_LEVEL=two_level, TMA_QK=qd is not None and kd is not None, TMA_V=vd is not None, DOT_F32=interpreting(),

@@ -5,6 +5,11 @@ CSR-like, as FlexAttention's BlockMask: ``kv_counts[b, h, i]`` key blocks are li
 dimensions may be 1 and broadcast (stored with stride 0), so a pattern shared by all heads costs one
 row. Blocks follow :class:`BlockGeometry`: text and image segments are blocked separately.
 
+Queries and keys share one layout (self-attention) unless ``kv_layout`` is given: then the mask is
+rectangular, ``nQ`` query blocks of ``layout`` against the key blocks of ``kv_layout`` (a query chunk
+against a key chunk, as ring attention needs). The kernels see neither layout, only
+:meth:`BlockMask.block_lists` (counts, indices and a :class:`~fastattn.attn_kernels.geometry.KernelGeometry`).
+
 Nothing here materialises an S x S mask; ``to_token_mask`` exists for tests on small sequences.
 """
 
@@ -14,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..attn_kernels.geometry import BlockLists, KernelGeometry, block_map, check_block_lists
 from .layout import BlockGeometry, TokenLayout
 
 
@@ -21,23 +27,36 @@ from .layout import BlockGeometry, TokenLayout
 class BlockMask:
     kv_counts: torch.Tensor  # int32 [Bm, Hm, nQ]
     kv_indices: torch.Tensor  # int32 [Bm, Hm, nQ, maxK]
-    layout: TokenLayout
+    layout: TokenLayout  # the queries' layout (and the keys', unless kv_layout is given)
     block_size: int
+    kv_layout: TokenLayout | None = None  # the keys' layout when it differs (rectangular mask)
+
+    def __post_init__(self):
+        if self.kv_layout == self.layout:  # one spelling of a square mask
+            object.__setattr__(self, "kv_layout", None)
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_block_map(cls, block_map: torch.Tensor, layout: TokenLayout, block_size: int) -> BlockMask:
-        """Build from a boolean ``[nQ, nK]``, ``[H, nQ, nK]`` or ``[B, H, nQ, nK]`` block map."""
-        geom = BlockGeometry(layout, block_size)
-        n = geom.num_blocks
+    def from_block_map(
+        cls,
+        block_map: torch.Tensor,
+        layout: TokenLayout,
+        block_size: int,
+        kv_layout: TokenLayout | None = None,
+    ) -> BlockMask:
+        """Build from a boolean ``[nQ, nK]``, ``[H, nQ, nK]`` or ``[B, H, nQ, nK]`` block map (``nK``: blocks of
+        ``kv_layout``, default ``layout``)."""
+        n = BlockGeometry(layout, block_size).num_blocks
+        nk = BlockGeometry(kv_layout or layout, block_size).num_blocks
         if block_map.dtype != torch.bool:
             raise TypeError(f"block_map must be torch.bool, got {block_map.dtype}")
         while block_map.dim() < 4:
             block_map = block_map.unsqueeze(0)
-        if block_map.dim() != 4 or block_map.shape[-2:] != (n, n):
+        if block_map.dim() != 4 or block_map.shape[-2:] != (n, nk):
+            keys = f" against kv_len {kv_layout.seq_len} (text {kv_layout.text_len})" if kv_layout else ""
             raise ValueError(
-                f"block_map must be [..., {n}, {n}] for seq_len {layout.seq_len} with block_size "
-                f"{block_size} (text {layout.text_len}); got {tuple(block_map.shape)}"
+                f"block_map must be [..., {n}, {nk}] for seq_len {layout.seq_len} (text {layout.text_len})"
+                f"{keys} with block_size {block_size}; got {tuple(block_map.shape)}"
             )
         block_map = block_map.cpu()
         counts = block_map.sum(-1, dtype=torch.int32)
@@ -45,25 +64,61 @@ class BlockMask:
         # Stable sort puts the selected block indices first, in ascending order.
         order = torch.sort((~block_map).to(torch.int8), dim=-1, stable=True).indices
         indices = order[..., :max_k].to(torch.int32).contiguous()
-        return cls(counts.contiguous(), indices, layout, block_size)
+        return cls(counts.contiguous(), indices, layout, block_size, kv_layout)
 
     @classmethod
-    def dense(cls, layout: TokenLayout, block_size: int = 128) -> BlockMask:
+    def dense(
+        cls, layout: TokenLayout, block_size: int = 128, kv_layout: TokenLayout | None = None
+    ) -> BlockMask:
         n = BlockGeometry(layout, block_size).num_blocks
-        return cls.from_block_map(torch.ones(n, n, dtype=torch.bool), layout, block_size)
+        nk = BlockGeometry(kv_layout or layout, block_size).num_blocks
+        return cls.from_block_map(torch.ones(n, nk, dtype=torch.bool), layout, block_size, kv_layout)
 
     # ----------------------------------------------------------------- views
     @property
     def geometry(self) -> BlockGeometry:
+        """The query blocks' geometry (also the keys' for a square mask)."""
         return BlockGeometry(self.layout, self.block_size)
 
     @property
+    def key_layout(self) -> TokenLayout:
+        return self.kv_layout or self.layout
+
+    @property
+    def kv_geometry(self) -> BlockGeometry:
+        return BlockGeometry(self.key_layout, self.block_size)
+
+    @property
     def num_blocks(self) -> int:
+        """Query blocks."""
         return self.kv_counts.shape[-1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_geometry.num_blocks
 
     @property
     def seq_len(self) -> int:
         return self.layout.seq_len
+
+    @property
+    def kv_len(self) -> int:
+        return self.key_layout.seq_len
+
+    def kernel_geometry(self) -> KernelGeometry:
+        """Lengths, block size and segment splits of queries and keys: all the kernels learn of the layouts."""
+        return KernelGeometry(
+            self.seq_len, self.kv_len, self.block_size, self.layout.split, self.key_layout.split
+        )
+
+    def block_lists(self) -> BlockLists:
+        """``(kv_counts, kv_indices, kernel_geometry())``: what the kernels read (cached on the mask)."""
+        lists = self.__dict__.get("_block_lists")
+        if lists is None:
+            lists = self.__dict__["_block_lists"] = BlockLists(
+                self.kv_counts, self.kv_indices, self.kernel_geometry()
+            )
+        return lists
 
     def to(self, device) -> BlockMask:
         """Copy to ``device``; copies are cached on the mask so per-call use costs nothing."""
@@ -78,30 +133,22 @@ class BlockMask:
         return cache[device]
 
     def to_block_map(self) -> torch.Tensor:
-        """Boolean ``[Bm, Hm, nQ, nK]``."""
-        n = self.num_blocks
-        counts = self.kv_counts.cpu().long()
-        idx = self.kv_indices.cpu().long()
-        valid = torch.arange(idx.shape[-1]) < counts[..., None]
-        # Padding slots scatter into a spare column n that is dropped afterwards.
-        out = torch.zeros(*counts.shape, n + 1, dtype=torch.bool)
-        out.scatter_(-1, torch.where(valid, idx, n), True)
-        return out[..., :n]
+        """Boolean ``[Bm, Hm, nQ, nK]`` (on the CPU)."""
+        return block_map(self.kv_counts.cpu(), self.kv_indices.cpu(), self.num_kv_blocks)
 
     def to_token_mask(self) -> torch.Tensor:
-        """Boolean ``[Bm, Hm, S, S]`` (quadratic: tests and short CPU sequences only)."""
-        starts, ends = self.geometry.bounds()
-        owner = torch.repeat_interleave(torch.arange(len(starts)), ends - starts)
-        bm = self.to_block_map()
-        return bm[..., owner, :][..., owner]
+        """Boolean ``[Bm, Hm, S, Skv]`` (quadratic: tests and short CPU sequences only)."""
+        owners = []
+        for starts, ends in (self.geometry.bounds(), self.kv_geometry.bounds()):
+            owners.append(torch.repeat_interleave(torch.arange(len(starts)), ends - starts))
+        return self.to_block_map()[..., owners[0], :][..., owners[1]]
 
     def density(self) -> float:
         """Fraction of computed token pairs (ragged blocks weighted by their sizes)."""
-        starts, ends = self.geometry.bounds()
-        sizes = (ends - starts).double()
+        q_sizes, kv_sizes = ((e - s).double() for s, e in (self.geometry.bounds(), self.kv_geometry.bounds()))
         bm = self.to_block_map().double()
-        pairs = torch.einsum("bhqk,q,k->", bm, sizes, sizes)
-        return float(pairs / (bm.shape[0] * bm.shape[1] * self.seq_len**2))
+        pairs = torch.einsum("bhqk,q,k->", bm, q_sizes, kv_sizes)
+        return float(pairs / (bm.shape[0] * bm.shape[1] * self.seq_len * self.kv_len))
 
     def block_density(self) -> float:
         """Fraction of computed block pairs (what the kernel's cost follows). Computed once per mask: on a
@@ -114,49 +161,46 @@ class BlockMask:
     def block_density_tensor(self) -> torch.Tensor:
         """:meth:`block_density` as a 0-d float32 tensor on the mask's device, without a host sync (for
         masks built per call, e.g. dynamic selection)."""
-        return self.kv_counts.float().mean() / self.num_blocks
+        return self.kv_counts.float().mean() / self.num_kv_blocks
 
-    def mark_valid(self, batch: int, heads: int, seq_len: int) -> BlockMask:
-        """Record that this mask fits ``[batch, heads, seq_len]`` without :meth:`validate`'s device sync.
+    def mark_valid(self, batch: int, heads: int, seq_len: int, kv_len: int | None = None) -> BlockMask:
+        """Record that this mask fits ``[batch, heads, seq_len]`` queries (against ``kv_len`` keys, default
+        ``seq_len``) without :meth:`validate`'s device sync.
 
         Only for masks that fastattn's own selectors build in range by construction (shapes are still
         checked here; the index range is what is trusted)."""
+        kv_len = seq_len if kv_len is None else kv_len
         bm, hm, nq = self.kv_counts.shape
-        if seq_len != self.seq_len or bm not in (1, batch) or hm not in (1, heads) or nq != self.num_blocks:
+        if (
+            (seq_len, kv_len) != (self.seq_len, self.kv_len)
+            or bm not in (1, batch)
+            or hm not in (1, heads)
+            or nq != self.geometry.num_blocks
+        ):
             raise ValueError(
-                f"mask of shape {tuple(self.kv_counts.shape)} does not fit {(batch, heads, seq_len)}"
+                f"mask of shape {tuple(self.kv_counts.shape)} (seq_len {self.seq_len}, kv_len {self.kv_len}) "
+                f"does not fit {(batch, heads, seq_len)} against {kv_len} keys"
             )
-        self.__dict__.setdefault("_validated", set()).add((batch, heads, seq_len))
+        self.__dict__.setdefault("_validated", set()).add((batch, heads, seq_len, kv_len))
         return self
 
     # ----------------------------------------------------------------- checks
-    def validate(self, batch: int, heads: int, seq_len: int) -> None:
-        """Raise ValueError unless this mask fits q of shape [batch, heads, seq_len, D].
+    def validate(self, batch: int, heads: int, seq_len: int, kv_len: int | None = None) -> None:
+        """Raise unless this mask fits q ``[batch, heads, seq_len, D]`` and k ``[batch, heads, kv_len, D]``
+        (``kv_len`` default: ``seq_len``, self-attention).
 
         The index check reads the tensors (a device sync), so a passed check is remembered.
         """
+        kv_len = seq_len if kv_len is None else kv_len
         done = self.__dict__.setdefault("_validated", set())
-        if (batch, heads, seq_len) in done:
+        if (batch, heads, seq_len, kv_len) in done:
             return
         if seq_len != self.seq_len:
             raise ValueError(f"BlockMask was built for seq_len {self.seq_len}, attention has {seq_len}")
-        bm, hm, nq = self.kv_counts.shape
-        if bm not in (1, batch) or hm not in (1, heads):
-            raise ValueError(
-                f"BlockMask batch/head dims ({bm}, {hm}) must be 1 or match the input ({batch}, {heads})"
-            )
-        if nq != self.geometry.num_blocks or self.kv_indices.shape[:3] != self.kv_counts.shape:
-            raise ValueError("BlockMask kv_counts/kv_indices shapes disagree with its layout")
-        if self.kv_counts.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
-            raise TypeError("BlockMask kv_counts and kv_indices must be int32")
-        counts = self.kv_counts
-        if bool((counts < 0).any()) or bool((counts > self.kv_indices.shape[-1]).any()):
-            raise ValueError(f"kv_counts must be in [0, {self.kv_indices.shape[-1]}]")
-        valid = torch.arange(self.kv_indices.shape[-1], device=counts.device) < counts[..., None]
-        bad = valid & ((self.kv_indices < 0) | (self.kv_indices >= nq))
-        if bool(bad.any()):
-            raise ValueError(f"kv_indices hold block indices outside [0, {nq})")
-        done.add((batch, heads, seq_len))
+        if kv_len != self.kv_len:
+            raise ValueError(f"BlockMask was built for kv_len {self.kv_len} keys, attention has {kv_len}")
+        check_block_lists(self.block_lists(), batch, heads, seq_len, kv_len)
+        done.add((batch, heads, seq_len, kv_len))
 
     # ----------------------------------------------------------------- composition
     def expand_heads(self, heads: int) -> BlockMask:
@@ -175,7 +219,7 @@ class BlockMask:
         """Blocks computed by either mask."""
         self._check_compatible(other)
         a, b = self.to_block_map(), other.to_block_map()
-        return BlockMask.from_block_map(a | b, self.layout, self.block_size)
+        return BlockMask.from_block_map(a | b, self.layout, self.block_size, self.kv_layout)
 
     def skip_heads(self, heads) -> BlockMask:
         """Heads that compute nothing (output zeros), as Sparse-vDiT's head skip."""
@@ -184,7 +228,7 @@ class BlockMask:
             raise ValueError("skip_heads needs a per-head mask: build it with num_heads=H first")
         bm = bm.clone()
         bm[:, list(heads)] = False
-        return BlockMask.from_block_map(bm, self.layout, self.block_size)
+        return BlockMask.from_block_map(bm, self.layout, self.block_size, self.kv_layout)
 
     @staticmethod
     def stack_heads(masks: list[BlockMask]) -> BlockMask:
@@ -195,15 +239,21 @@ class BlockMask:
         maps = [m.to_block_map() for m in masks]
         if any(x.shape[:2] != (1, 1) for x in maps):
             raise ValueError("stack_heads takes single-head, single-batch masks")
-        return BlockMask.from_block_map(torch.cat(maps, dim=1), first.layout, first.block_size)
+        return BlockMask.from_block_map(
+            torch.cat(maps, dim=1), first.layout, first.block_size, first.kv_layout
+        )
 
     def _check_compatible(self, other: BlockMask) -> None:
-        if other.layout != self.layout or other.block_size != self.block_size:
+        if (other.layout, other.kv_layout) != (
+            self.layout,
+            self.kv_layout,
+        ) or other.block_size != self.block_size:
             raise ValueError("masks differ in layout or block size")
 
     def __repr__(self) -> str:
         bm, hm, nq = self.kv_counts.shape
+        keys = "" if self.kv_layout is None else f"kv_len={self.kv_len}, kv_blocks={self.num_kv_blocks}, "
         return (
-            f"BlockMask(seq_len={self.seq_len}, block_size={self.block_size}, blocks={nq}, "
+            f"BlockMask(seq_len={self.seq_len}, {keys}block_size={self.block_size}, blocks={nq}, "
             f"batch={bm}, heads={hm}, block_density={self.block_density():.3f})"
         )

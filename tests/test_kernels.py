@@ -11,8 +11,6 @@ import pytest
 import torch
 from fastattn.attn_kernels import (
     attention_reference,
-    fallback_counts,
-    reset_fallback_counts,
     sparse_attention,
 )
 from fastattn.masks import (
@@ -184,14 +182,11 @@ def test_per_batch_mask():
     assert rel(out, ref) < 1e-2
 
 
-def test_unsupported_head_dim_falls_back_counted():
-    reset_fallback_counts()
+def test_unsupported_head_dim_falls_back_and_says_so():
     layout = TokenLayout(32)
     q, k, v = inputs(layout, d=40)
-    with pytest.warns(UserWarning, match="dense attention fallback"):
+    with pytest.warns(UserWarning, match=r"dense attention fallback \(head_dim 40"):
         out = sparse_attention(q, k, v, patterns.band(layout, 4, block_size=BS), backend="triton")
-    assert sum(fallback_counts().values()) == 1
-    assert "head_dim 40" in next(iter(fallback_counts()))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(out.float(), ref.float(), atol=1e-2)
 
@@ -343,3 +338,248 @@ def test_fp8_without_fp8_tensor_cores_is_served_as_int8_and_says_so(monkeypatch)
         out = sparse_attention(q, k, v, mask, quant="fp8", backend="reference")
     ref = sparse_attention(q, k, v, mask, quant="int8", backend="reference")
     torch.testing.assert_close(out, ref)
+
+
+# ----------------------------------------------------------------------------- rectangular calls (run_attention)
+
+# (query layout, key layout): Sq < Skv and Sq > Skv, text prefix/suffix on each side, every segment ragged
+RECT = {
+    "q_short": (TokenLayout(37, 7), TokenLayout(77, 13)),
+    "q_long": (TokenLayout(70, 9, text_first=False), TokenLayout(35, 5, text_first=False)),
+    "mixed": (TokenLayout(45, 11), TokenLayout(50, 0)),
+}
+
+
+def rect_inputs(q_len, kv_len, heads=2, d=64, dtype=torch.bfloat16, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, d, generator=g).to(dtype)
+    k, v = (torch.randn(batch, heads, kv_len, d, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def rect_mask(name, heads=2, seed=0, empty_row=True):
+    """A random per-head rectangular mask (each key block read by someone); head 0's query block 1 reads
+    nothing when ``empty_row``."""
+    q_layout, kv_layout = RECT[name]
+    nq = BlockMask.dense(q_layout, BS).num_blocks
+    nk = BlockMask.dense(kv_layout, BS).num_blocks
+    bm = torch.rand(heads, nq, nk, generator=torch.Generator().manual_seed(seed)) < 0.5
+    bm[:, torch.arange(nq), torch.arange(nq) % nk] = True
+    if empty_row:
+        bm[0, 1] = False
+    return BlockMask.from_block_map(bm, q_layout, BS, kv_layout)
+
+
+def check_rows(out, lse, ref, ref_lse, tol, lse_tol):
+    """``out``/``lse`` against a reference on rows that read keys; rows that read none: 0 and -inf."""
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
+    assert (out[empty] == 0).all() and torch.isfinite(out).all()
+    assert rel(out[~empty], ref[~empty]) < tol
+    assert (lse[~empty] - ref_lse[~empty]).abs().max() < lse_tol
+
+
+@pytest.mark.parametrize("name", list(RECT))
+def test_rectangular_kernel_matches_reference_and_oracle(name):
+    from fastattn.attn_kernels import KernelGeometry, run_attention
+
+    q_layout, kv_layout = RECT[name]
+    q, k, v = rect_inputs(q_layout.seq_len, kv_layout.seq_len)
+    mask = rect_mask(name)
+    geom = mask.kernel_geometry()
+    assert geom == KernelGeometry(q_layout.seq_len, kv_layout.seq_len, BS, q_layout.split, kv_layout.split)
+    res = run_attention(q, k, v, mask.kv_counts, mask.kv_indices, geom, backend="triton")
+    assert res.fallback is None and res.out.shape == q.shape and res.out.dtype == q.dtype
+    assert res.lse.shape == q.shape[:3] and res.lse.dtype == torch.float32
+    lo, hi = (int(x[1]) for x in geom.q_bounds())
+    assert torch.isinf(res.lse[0, 0, lo:hi]).all()  # the query block that reads nothing
+    ref, ref_lse = attention_reference(q, k, v, mask)
+    check_rows(res.out, res.lse, ref, ref_lse, 1e-2, 1e-3)
+    # independent oracle: fp32 SDPA with the [Sq, Skv] token mask
+    oracle = masked_sdpa(q, k, v, mask)
+    _, lse32 = attention_reference(q.float(), k.float(), v.float(), mask)
+    check_rows(res.out, res.lse, oracle, lse32, 1e-2, 1e-3)
+    # the CPU reference through the same entry point, and its block loop (long sequences)
+    exact = run_attention(q.float(), k.float(), v.float(), mask.kv_counts, mask.kv_indices, geom)
+    check_rows(exact.out, exact.lse, oracle, lse32, 1e-5, 1e-4)
+
+
+def test_rectangular_reference_block_loop_equals_masked_product(monkeypatch):
+    from fastattn.attn_kernels import reference
+
+    for name in RECT:
+        q_layout, kv_layout = RECT[name]
+        q, k, v = rect_inputs(q_layout.seq_len, kv_layout.seq_len, dtype=torch.float32)
+        mask = rect_mask(name)
+        short, lse_short = attention_reference(q, k, v, mask)
+        monkeypatch.setattr(reference, "MASKED_PRODUCT_LIMIT", 0)
+        loop, lse_loop = attention_reference(q, k, v, mask)
+        dense, dense_lse = attention_reference(q, k, v)  # dense, one query row per product
+        monkeypatch.undo()
+        torch.testing.assert_close(short, loop, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse_short, lse_loop, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dense, attention_reference(q, k, v)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lse_merges_key_chunks_like_ring_attention():
+    """Attention over keys [0, 77) equals the log-sum-exp merge of attention over two key chunks, each its
+    own geometry (the first chunk's text segment is ragged; the second chunk has no text)."""
+    from fastattn.attn_kernels import KernelGeometry, run_attention
+
+    q, k, v = rect_inputs(37, 77)
+    whole = run_attention(
+        q, k, v, BlockMask.dense(TokenLayout(37, 7), BS, TokenLayout(77, 13)), backend="triton"
+    )
+    parts = []
+    for lo, hi, split in ((0, 45, 13), (45, 77, 0)):
+        geom = KernelGeometry(37, hi - lo, BS, 7, split)
+        n = geom.kv_blocks
+        counts = torch.full((1, 1, geom.q_blocks), n, dtype=torch.int32)
+        indices = torch.arange(n, dtype=torch.int32).expand(1, 1, geom.q_blocks, n).contiguous()
+        if lo:  # the second chunk: query block 1 reads none of it (its row merges from the first chunk alone)
+            counts[0, 0, 1] = 0
+        parts.append(
+            run_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], counts, indices, geom, backend="triton")
+        )
+    (o1, l1, _), (o2, l2, _) = parts
+    rows = torch.ones(37, dtype=torch.bool)
+    rows[7 : 7 + BS] = False  # query block 1 (the image segment starts at 7), which skipped the second chunk
+    assert torch.isinf(l2[:, :, ~rows]).all() and (o2[:, :, ~rows] == 0).all()
+    lse = torch.logaddexp(l1, l2)
+    out = (torch.exp(l1 - lse)[..., None] * o1.float()) + (torch.exp(l2 - lse)[..., None] * o2.float())
+    scores = q.float() @ k.float().transpose(-1, -2) / 8.0
+    assert (lse[..., rows] - torch.logsumexp(scores, -1)[..., rows]).abs().max() < 1e-3
+    assert (lse[..., rows] - whole.lse[..., rows]).abs().max() < 1e-3
+    assert rel(out[:, :, rows], whole.out[:, :, rows]) < 1e-2
+    assert (
+        rel(
+            out[:, :, rows],
+            torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())[:, :, rows],
+        )
+        < 1e-2
+    )
+    assert torch.equal(lse[:, :, ~rows], l1[:, :, ~rows])
+
+
+def test_fallback_comes_back_as_a_value(recwarn):
+    """head_dim 96 cannot run in the kernel: exact dense attention runs, says so in ``fallback``, and touches
+    neither the legacy counter nor the warnings."""
+    from fastattn.attn_kernels import AttentionResult, run_attention
+
+    q, k, v = rect_inputs(37, 77, d=96)
+    mask = rect_mask("q_short")
+    res = run_attention(q, k, v, mask, backend="triton")
+    assert isinstance(res, AttentionResult) and "head_dim 96" in res.fallback
+    assert not [w for w in recwarn if "fastattn" in str(w.message)]
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(96)
+    assert (res.lse - torch.logsumexp(scores, -1)).abs().max() < 1e-4  # dense: the mask is ignored
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert rel(res.out, ref) < 1e-2 and res.out.dtype == q.dtype
+    assert run_attention(q, k, v, mask).fallback is None  # CPU "auto": the reference serves every head_dim
+    # fp32 is served by the reference on the CPU; with backend="triton" it is a fallback too
+    assert (
+        "dtype"
+        in run_attention(
+            q.float()[..., :64], k.float()[..., :64], v.float()[..., :64], mask, backend="triton"
+        ).fallback
+    )
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-fp8", "int4", "fp8"])
+def test_rectangular_quant_modes_match_reference(quant):
+    from fastattn.attn_kernels import run_attention
+
+    name = "q_long" if quant in ("int8", "fp8") else "q_short"
+    q_layout, kv_layout = RECT[name]
+    q, k, v = rect_inputs(q_layout.seq_len, kv_layout.seq_len)
+    mask = rect_mask(name, empty_row=False)
+    res = run_attention(q, k, v, mask, quant=quant, backend="triton")
+    ref, ref_lse = attention_reference(q, k, v, mask, quant=quant)
+    check_rows(res.out, res.lse, ref, ref_lse, 1e-2 if quant in ("int8", "int4") else 3e-2, 1e-3)
+    oracle = masked_sdpa(q, k, v, mask)
+    _, lse32 = attention_reference(q.float(), k.float(), v.float(), mask)
+    check_rows(res.out, res.lse, oracle, lse32, DENSE_TOL[quant], 0.2)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8-fp8"])
+def test_rectangular_tma_and_split_query_blocks(quant):
+    """The Hopper descriptor path and query blocks split over programs, in the interpreter, Sq != Skv (the
+    key text segment is 16-aligned, as transposed FP8 V's descriptor needs)."""
+    from fastattn.attn_kernels.triton_attention import Tiles, triton_attention
+
+    q_layout, kv_layout = TokenLayout(45, 11), TokenLayout(83, 16)
+    bm = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(5)) < 0.6
+    bm[..., 0] = True
+    mask = BlockMask.from_block_map(bm, q_layout, 32, kv_layout)
+    q, k, v = rect_inputs(45, 83, batch=2)
+    ref, ref_lse = attention_reference(q, k, v, mask, quant=quant)
+    tol = 1e-2 if quant == "none" else 3e-2
+    for kwargs in ({"use_tma": True}, {"tiles": Tiles(16, 4, 1, rows=16), "use_tma": False}):
+        out, lse = triton_attention(q, k, v, mask.block_lists(), quant=quant, **kwargs)
+        check_rows(out, lse, ref, ref_lse, tol, 1e-2 if quant == "none" else 5e-2)
+
+
+def test_run_attention_bad_input_raises_clear_errors():
+    from fastattn.attn_kernels import KernelGeometry, run_attention
+
+    q, k, v = rect_inputs(37, 77)
+    mask = rect_mask("q_short")
+    c, i, g = mask.block_lists()
+    cases = [
+        (lambda: run_attention(q, k[..., :32], v, c, i, g), ValueError, r"k and v must be \[B, H, Skv, D\]"),
+        (lambda: run_attention(q, k, v[:, :, :-1], c, i, g), ValueError, r"k and v must be \[B, H, Skv, D\]"),
+        (lambda: run_attention(q, k[:1, :1], v[:1, :1], c, i, g), ValueError, "batch, heads and head_dim"),
+        (lambda: run_attention(q, k[:, :, :70], v[:, :, :70], c, i, g), ValueError, "kv_len 77.*have 70"),
+        (
+            lambda: run_attention(q, k, v, c, i, KernelGeometry(37, 77, BS, 20)),
+            ValueError,
+            "has 4 .*q_split 20",
+        ),
+        (lambda: run_attention(q, k, v, c, i + 9, g), ValueError, "outside"),
+        (lambda: run_attention(q, k, v, c.long(), i, g), TypeError, "int32"),
+        (lambda: run_attention(q, k, v, c, i), TypeError, "counts, indices and geometry"),
+        (lambda: run_attention(q, k, v, c, i, g, perm=torch.arange(37)), ValueError, "Sq == Skv"),
+        (lambda: run_attention(q, k, v, c, i, g, backend="cuda"), ValueError, "backend must be"),
+        (lambda: run_attention(q, k, v, c, i, g, quant="int3"), ValueError, "quant must be one of"),
+        (lambda: run_attention(q, k, v, "dense"), TypeError, "BlockMask"),
+        (lambda: sparse_attention(q, k, v, mask), ValueError, "must share"),
+        (lambda: KernelGeometry(37, 77, BS, 40), ValueError, r"q_split must be in \[0, q_len=37\]"),
+    ]
+    for make, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            make()
+    square_q = torch.randn(1, 2, 77, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="built for seq_len 37"):
+        sparse_attention(square_q, k, v, mask)
+    with pytest.raises(ValueError, match="built for kv_len 77 keys, attention has 37"):
+        sparse_attention(q, q, q, mask)
+
+
+def test_square_run_attention_equals_sparse_attention():
+    """``sparse_attention`` is ``run_attention`` on the mask's geometry: same out and lse, with perm too."""
+    from fastattn.attn_kernels import run_attention
+
+    layout = LAYOUTS["text_suffix"]
+    q, k, v = inputs(layout)
+    mask = patterns.window3d(layout, (0, 1, 2), block_size=BS)
+    perm = head_permutations(layout, ["HWF", "FWH"])
+    out, lse = sparse_attention(q, k, v, mask, perm=perm, return_lse=True, backend="triton")
+    res = run_attention(q, k, v, *mask.block_lists(), perm=perm, backend="triton")
+    assert mask.kernel_geometry().is_square
+    assert torch.equal(res.out, out) and torch.equal(res.lse, lse) and res.fallback is None
+
+
+def test_run_attention_traces_under_torch_compile():
+    from fastattn.attn_kernels import run_attention
+
+    q, k, v = (t.float() for t in rect_inputs(37, 77))
+    mask = rect_mask("q_short")
+    lists = mask.block_lists()
+
+    def f(q, k, v):
+        a, b = run_attention(q, k, v, *lists), run_attention(q, k, v, mask)
+        return a.out * 2, a.lse, b.out, a.fallback
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    for x, y in zip(compiled(q, k, v), f(q, k, v)):
+        assert x == y if x is None else torch.allclose(x, y, equal_nan=True)

@@ -216,3 +216,57 @@ def test_large_layout_builds_from_blocks_only():
     mask = patterns.window3d(layout, (3, 12, 12), 128)
     assert mask.num_blocks == 931
     assert 0.0 < mask.block_density() < 0.5
+
+
+def test_rectangular_mask_views_and_kernel_geometry():
+    """A query layout against a key layout: block map, token mask, density and the kernels' geometry."""
+    from fastattn.attn_kernels import KernelGeometry
+
+    q_layout, kv_layout = TokenLayout(37, 7), TokenLayout(90, 20, text_first=False)
+    nq, nk = BlockGeometry(q_layout, 16).num_blocks, BlockGeometry(kv_layout, 16).num_blocks
+    assert (nq, nk) == (3, 7)
+    bm = torch.rand(2, nq, nk, generator=torch.Generator().manual_seed(0)) < 0.5
+    bm[1, 2] = False
+    mask = BlockMask.from_block_map(bm, q_layout, 16, kv_layout)
+    assert mask.num_blocks == nq and mask.num_kv_blocks == nk and (mask.seq_len, mask.kv_len) == (37, 90)
+    assert torch.equal(mask.to_block_map()[0], bm)
+    tok = mask.to_token_mask()
+    assert tok.shape == (1, 2, 37, 90)
+    q_starts, q_ends = BlockGeometry(q_layout, 16).bounds()
+    kv_starts, kv_ends = BlockGeometry(kv_layout, 16).bounds()
+    for h, i, j in itertools.product(range(2), range(nq), range(nk)):
+        block = tok[0, h, q_starts[i] : q_ends[i], kv_starts[j] : kv_ends[j]]
+        assert bool(block.all()) == bool(bm[h, i, j]) and bool(block.any()) == bool(bm[h, i, j])
+    assert abs(mask.density() - tok.double().mean().item()) < 1e-9
+    assert mask.block_density() == pytest.approx(bm.float().mean().item())
+    geom = mask.kernel_geometry()
+    assert geom == KernelGeometry(37, 90, 16, q_split=7, kv_split=70)
+    assert (geom.q_blocks, geom.kv_blocks, geom.q_blocks_first, geom.kv_blocks_first) == (3, 7, 1, 5)
+    assert [t.tolist() for t in geom.kv_bounds()] == [t.tolist() for t in (kv_starts, kv_ends)]
+    counts, indices, g = mask.block_lists()
+    assert counts is mask.kv_counts and indices is mask.kv_indices and g == geom
+    # composition keeps the key layout; a square mask's key layout is its layout
+    assert mask.union(mask).kv_layout == kv_layout and mask.skip_heads([0]).kv_len == 90
+    square = BlockMask.dense(q_layout, 16, kv_layout=q_layout)
+    assert square.kv_layout is None and square.kernel_geometry().is_square
+    assert "kv_len=90" in repr(mask) and "kv_len" not in repr(square)
+    with pytest.raises(ValueError, match="masks differ"):
+        mask.union(BlockMask.dense(q_layout, 16, TokenLayout(90, 20)))
+
+
+def test_rectangular_mask_checks_say_what_was_expected():
+    q_layout, kv_layout = TokenLayout(37, 7), TokenLayout(90, 20)
+    with pytest.raises(ValueError, match=r"block_map must be \[\.\.\., 3, 7\] .* against kv_len 90"):
+        BlockMask.from_block_map(torch.ones(4, 4, dtype=torch.bool), q_layout, 16, kv_layout)
+    mask = BlockMask.dense(q_layout, 16, kv_layout)
+    mask.validate(2, 3, 37, 90)
+    with pytest.raises(ValueError, match="built for kv_len 90 keys, attention has 37"):
+        mask.validate(2, 3, 37)
+    with pytest.raises(ValueError, match="built for seq_len 37"):
+        mask.validate(2, 3, 90, 90)
+    bad = BlockMask(mask.kv_counts, mask.kv_indices + 1, q_layout, 16, kv_layout)
+    with pytest.raises(ValueError, match=r"outside \[0, 7\)"):
+        bad.validate(1, 1, 37, 90)
+    with pytest.raises(ValueError, match="does not fit"):
+        mask.mark_valid(1, 1, 37)
+    assert mask.mark_valid(1, 1, 37, 90) is mask
