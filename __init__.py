@@ -1,7 +1,7 @@
 """fastattn: fast sparse, reordered and quantized attention for diffusion transformers.
 
-The repository root is this package. ComfyUI imports it as a custom-node pack and reads
-``NODE_CLASS_MAPPINGS``; Python users ``import fastattn``. Importing it stays light: no ComfyUI,
+The repository root is this package. ComfyUI imports it as a custom-node pack and calls
+``comfy_entrypoint()`` (V3 nodes); Python users ``import fastattn``. Importing it stays light: no ComfyUI,
 no GPU, no diffusers until a feature that needs them is used.
 """
 
@@ -16,7 +16,7 @@ if __name__ == "fastattn":  # not when a host (pytest, ComfyUI) imports this fol
     _attach_pipeline_methods()
 
 __all__ = [
-    "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "BlockMask", "TokenLayout", "__version__", "disable", "enable",
+    "BlockMask", "TokenLayout", "__version__", "comfy_entrypoint", "disable", "enable",
 ]  # fmt: skip
 
 
@@ -29,5 +29,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
 
 
-# ComfyUI discovers nodes through these names (nodes/ collects them; importing it is light).
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+# ComfyUI discovers the V3 nodes through comfy_entrypoint (comfy_api is imported only when it is called).
+# No NODE_CLASS_MAPPINGS here: ComfyUI's loader would take those and never call comfy_entrypoint.
+from .nodes import comfy_entrypoint  # noqa: E402

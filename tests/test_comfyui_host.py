@@ -256,7 +256,7 @@ def test_comfyui_startup_loader_registers_the_pack(probe, host):
     assert probe["python_module"] == "custom_nodes.fastattn"
     assert probe["return_types"] == ["STRING"]
     assert probe["return_names"] == ["prompt"]
-    assert probe["function"] == "enhance" and probe["category"] == "fastattn"
+    assert probe["function"] == "EXECUTE_NORMALIZED" and probe["category"] == "fastattn"  # a V3 node
 
 
 def test_input_types_are_valid_comfyui_inputs(probe):
@@ -269,17 +269,19 @@ def test_input_types_are_valid_comfyui_inputs(probe):
             assert typ and all(isinstance(c, str) for c in typ), name
         else:
             assert typ in probe["io_types"], f"{name}: {typ!r} is not a ComfyUI IO type"
-        assert set(options) <= set(probe["widget_options"]), f"{name}: unknown widget options {options}"
+        v3_keys = {"multiselect"}  # V3 combos also say whether they are multi-select
+        assert set(options) - v3_keys <= set(probe["widget_options"]), f"{name}: unknown widget options {options}"
     assert inputs["prompt"][0] == inputs["model_path"][0] == inputs["instruction"][0] == "STRING"
     assert inputs["max_new_tokens"][0] == "INT"
-    assert inputs["kv_bits"][0] == ["4", "8", "2"]
+    assert inputs["kv_bits"][0] == "COMBO" and inputs["kv_bits"][2]["options"] == ["4", "8", "2"]  # V3 combo
     lo, hi, default = (inputs["max_new_tokens"][2][k] for k in ("min", "max", "default"))
     assert lo <= default <= hi
 
 
 def test_comfyui_validator_accepts_good_and_rejects_bad_values(probe):
     assert probe["validate_good"] == {"ok": True, "errors": []}
-    assert probe["validate_bad"] == {"ok": False, "errors": ["value_not_in_list", "value_smaller_than_min"]}
+    # kv_bits is checked by the V3 node's validate_inputs (custom validation), max_new_tokens by its min
+    assert probe["validate_bad"] == {"ok": False, "errors": ["custom_validation_failed", "value_smaller_than_min"]}
 
 
 def test_node_function_raises_our_value_error_on_empty_model_path(probe):
@@ -378,14 +380,15 @@ def test_object_info_serves_the_node(server):
     assert info["output"] == ["STRING"] and info["output_name"] == ["prompt"]
     assert info["python_module"] == "custom_nodes.fastattn" and info["category"] == "fastattn"
     assert info["input_order"]["required"] == ["prompt", "model_path", "max_new_tokens", "kv_bits"]
-    assert info["input"]["required"]["kv_bits"] == [["4", "8", "2"]]
+    assert info["input"]["required"]["kv_bits"][0] == "COMBO"
+    assert info["input"]["required"]["kv_bits"][1]["options"] == ["4", "8", "2"]
 
 
 def test_server_rejects_invalid_inputs(server):
     status, resp = _http(f"{server['url']}/prompt", {"prompt": _graph("x", max_new_tokens=0, kv_bits="3")})
     assert status == 400
     errors = sorted(e["type"] for e in resp["node_errors"]["1"]["errors"])
-    assert errors == ["value_not_in_list", "value_smaller_than_min"]
+    assert errors == ["custom_validation_failed", "value_smaller_than_min"]
 
 
 def test_executor_reports_our_value_error_on_empty_model_path(server):

@@ -1,0 +1,235 @@
+"""The fastattn node pack in ComfyUI's V3 schema (``comfy_api.latest``). Imported only inside ComfyUI, by
+``comfy_entrypoint()``; every class is thin: the logic is in ``fast_attention.py`` and ``prompt_enhancer.py``.
+
+Only schema features present since ComfyUI 0.3.6x are used (no DynamicCombo / advanced inputs), so the pack
+loads on the cores between 0.3.64 and today.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import fast_attention as fa
+from .prompt_enhancer import KV_BITS, check_kv_bits, enhance_prompt
+
+CATEGORY = "fastattn"
+Plan = io.Custom(fa.PLAN_TYPE)
+
+
+class FastAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnApply",
+            display_name="Fast Attention",
+            category=CATEGORY,
+            description="Replaces the model's self-attention with fastattn's block-sparse / quantized attention "
+            "(on a copy of the model). Calls it cannot serve run the model's own attention and are counted in "
+            "the Fast Attention Report.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The diffusion model (Flux, Chroma, Wan 2.1/2.2, HunyuanVideo, "
+                    "Qwen-Image, SD3/3.5, LTXV). Other models pass through unchanged.",
+                ),
+                io.Combo.Input(
+                    "preset",
+                    options=list(fa.PRESETS),
+                    default="balanced",
+                    tooltip="safe / balanced / fast: the model family's structural preset (denser is "
+                    "closer to the original). custom: use method and density below.",
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=list(fa.METHODS),
+                    default="window3d",
+                    tooltip="With preset 'custom': window3d (3-D local window), radial (window that "
+                    "narrows with frame distance), band (1-D window), arrow (band + all text), "
+                    "dynamic (top-p of estimated block scores), dense (exact, for checks).",
+                ),
+                io.Float.Input(
+                    "density",
+                    default=0.3,
+                    min=0.02,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="With preset 'custom': fraction of 128x128 attention blocks computed "
+                    "(text rows and columns included). Ignored by dynamic and dense.",
+                ),
+                io.Combo.Input(
+                    "quant",
+                    options=list(fa.QUANTS),
+                    default="default",
+                    tooltip="Attention bit-width. default: what the preset or plan says; none: 16-bit; "
+                    "int8: INT8 Q.K; int8-fp8: INT8 Q.K + FP8 P.V; fp8: FP8 Q.K and P.V (Ada/Hopper; "
+                    "older GPUs run int8).",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Sparse attention starts at this point of the run (by sigma, like core "
+                    "nodes); before it attention is dense.",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Sparse attention ends at this point of the run (by sigma); after it "
+                    "attention is dense.",
+                ),
+                io.String.Input(
+                    "dense_blocks",
+                    default="",
+                    tooltip="Self-attention blocks that always run dense, e.g. '0,1,38-39' (counted "
+                    "in forward order from 0; Flux: double blocks 0-18, single blocks 19-56).",
+                ),
+                Plan.Input(
+                    "plan",
+                    optional=True,
+                    tooltip="A plan from a Fast Attention Plan node; replaces preset, method and density "
+                    "(quant and dense_blocks still apply).",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with fastattn's attention.")],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, method, density, quant, start_percent, end_percent, dense_blocks,
+                plan=None) -> io.NodeOutput:  # fmt: skip
+        return io.NodeOutput(fa.apply_fast_attention(model, preset, method, density, quant, start_percent,
+                                                     end_percent, dense_blocks, plan))  # fmt: skip
+
+
+class FastAttentionPlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnPlan",
+            display_name="Fast Attention Plan",
+            category=CATEGORY,
+            description="Loads a fastattn plan: a shipped one, a local plan directory, or one on the Hugging "
+            "Face Hub. The Fast Attention node refuses a plan made for another model family.",
+            inputs=[
+                io.Combo.Input(
+                    "source",
+                    options=fa.plan_sources(),
+                    default=fa.PLAN_PATH,
+                    tooltip="A shipped plan (<family>-<preset>), or 'path or hf://' to load the plan "
+                    "named in location.",
+                ),
+                io.String.Input(
+                    "location",
+                    default="",
+                    tooltip="With source 'path or hf://': a plan directory, its plan.json, or "
+                    "hf://owner/repo[/subdir][@revision] (HF_HUB_OFFLINE=1 reads the Hub cache only).",
+                ),
+            ],
+            outputs=[
+                Plan.Output(display_name="plan", tooltip="The plan, for a Fast Attention node's plan input.")
+            ],
+        )
+
+    @classmethod
+    def execute(cls, source, location="") -> io.NodeOutput:
+        return io.NodeOutput(fa.load_plan_choice(source, location))
+
+
+class FastAttentionReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnReport",
+            display_name="Fast Attention Report",
+            category=CATEGORY,
+            description="What fastattn ran in the model's last sampling run: density achieved, calls by method, "
+            "dense calls and fallbacks with their reasons, time per step.",
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="The MODEL output of a Fast Attention node (the one the sampler used)."
+                ),
+                io.AnyType.Input(
+                    "after",
+                    optional=True,
+                    tooltip="Connect the sampler's output here so the report is made after sampling.",
+                ),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="The report as text.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # never cached: the report changes with every run
+
+    @classmethod
+    def execute(cls, model, after=None) -> io.NodeOutput:
+        text = fa.report_text(model)
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+class PromptEnhancer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnPromptEnhancer",
+            display_name="Prompt Enhancer (fastattn, quantized KV)",
+            category=CATEGORY,
+            description="Rewrites a prompt with a local causal LM whose KV cache is quantized.",
+            inputs=[
+                io.String.Input("prompt", multiline=True, default="", tooltip="The prompt to rewrite."),
+                io.String.Input(
+                    "model_path",
+                    default="",
+                    tooltip="A local causal LM: a transformers directory, a directory with a .gguf, "
+                    "or a .gguf file.",
+                ),
+                io.Int.Input(
+                    "max_new_tokens",
+                    default=120,
+                    min=1,
+                    max=2048,
+                    tooltip="Most tokens the rewrite may have.",
+                ),
+                io.Combo.Input(
+                    "kv_bits",
+                    options=list(KV_BITS),
+                    default="4",
+                    tooltip="Bits per KV-cache value (4 keeps quality at a quarter of 16-bit memory).",
+                ),
+                io.String.Input(
+                    "instruction",
+                    multiline=True,
+                    optional=True,
+                    default=_default_instruction(),
+                    tooltip="How the LM is told to rewrite the prompt.",
+                ),
+            ],
+            outputs=[io.String.Output(display_name="prompt", tooltip="The rewritten prompt.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, kv_bits):
+        return check_kv_bits(kv_bits) or True
+
+    @classmethod
+    def execute(cls, prompt, model_path, max_new_tokens=120, kv_bits="4", instruction=None) -> io.NodeOutput:
+        return io.NodeOutput(enhance_prompt(prompt, model_path, max_new_tokens, kv_bits, instruction))
+
+
+def _default_instruction() -> str:
+    from ..prompt import DEFAULT_INSTRUCTION
+
+    return DEFAULT_INSTRUCTION
+
+
+NODES = [FastAttention, FastAttentionPlan, FastAttentionReport, PromptEnhancer]
+
+
+class FastAttnExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
