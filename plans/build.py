@@ -6,6 +6,8 @@ the model's family; nothing here knows a host.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .methods import METHODS, MethodConfig, describe
 from .schema import AttentionPlan
 
@@ -80,3 +82,22 @@ def make_plan(
             fields.pop(geometric, None)
     fields.update(settings)
     return AttentionPlan.from_dict(fields, source)
+
+
+def export_structural_presets(out_dir) -> list[Path]:
+    """Write every structural preset (``presets/structural.json``) as a plan directory
+    ``out_dir/<family>-<level>/`` (``plan.json`` only: structural plans have no head table)."""
+    from ..presets import structural_presets
+    from .files import QUANT_BITS, save_plan
+    from .meta import ModelFingerprint, PlanMeta
+
+    out = []
+    for family, levels in structural_presets().items():
+        for level, fields in levels.items():
+            name = f"{family}/{level}"
+            plan = make_plan(family, name)
+            meta = PlanMeta(model=ModelFingerprint(family=family), creator="fastattn.presets.structural",
+                            creator_params={"preset": name}, density=fields.get("density"),
+                            bits=QUANT_BITS[plan.quant], doc=fields.get("doc", ""))  # fmt: skip
+            out.append(save_plan(plan, Path(out_dir) / f"{family}-{level}", meta))
+    return out

@@ -473,24 +473,6 @@ def _fmt_layout(lay: TokenLayout) -> str:
 # ---------------------------------------------------------------------------------------- shipped presets
 
 
-def export_structural_presets(out_dir) -> list[Path]:
-    """Write every structural preset (``presets/structural.json``) as a plan directory
-    ``out_dir/<family>-<level>/`` (``plan.json`` only: structural plans have no head table)."""
-    from ..presets import structural_presets
-    from .build import make_plan
-
-    out = []
-    for family, levels in structural_presets().items():
-        for level, fields in levels.items():
-            name = f"{family}/{level}"
-            plan = make_plan(family, name)
-            meta = PlanMeta(model=ModelFingerprint(family=family), creator="fastattn.presets.structural",
-                            creator_params={"preset": name}, density=fields.get("density"),
-                            bits=QUANT_BITS[plan.quant], doc=fields.get("doc", ""))  # fmt: skip
-            out.append(save_plan(plan, Path(out_dir) / f"{family}-{level}", meta))
-    return out
-
-
 def shipped_plans() -> list[Path]:
     """The plan directories shipped under ``presets/plans/``."""
     from ..presets import PRESET_DIR

@@ -24,6 +24,7 @@ from fastattn.plans import (
     Window3DConfig,
     make_plan,
 )
+from fastattn.plans.build import export_structural_presets
 from fastattn.plans.files import (
     MAX_JSON_BYTES,
     PLAN_JSON,
@@ -31,7 +32,6 @@ from fastattn.plans.files import (
     PlanFileError,
     PlanMismatchError,
     check_fingerprint,
-    export_structural_presets,
     load_plan,
     save_plan,
     shipped_plans,
