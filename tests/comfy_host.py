@@ -32,7 +32,8 @@ PROBE_TAG = "FASTATTN_PROBE_JSON "
 #   boot.py main ARGS...         starts main.py as `python main.py ARGS...` would
 #   boot.py load-checkpoints BASE  loads every file in BASE/models/diffusion_models with ComfyUI's own loader and
 #                                  prints one JSON line: detected model config, key differences, parameter count
-BOOT = textwrap.dedent(
+# The part every boot script starts with: torchvision stand-in, optional hiding of an installed fastattn.
+BOOT_PRELUDE = textwrap.dedent(
     r'''
     import importlib
     import importlib.abc
@@ -87,6 +88,11 @@ BOOT = textwrap.dedent(
         if os.environ.get("FASTATTN_TEST_HIDE_FASTATTN") == "1":
             sys.meta_path.insert(0, _BlockFastattn())
         sys.path.insert(0, os.getcwd())
+    '''
+)
+
+BOOT = BOOT_PRELUDE + textwrap.dedent(
+    r'''
 
 
     def _load_checkpoints(base):

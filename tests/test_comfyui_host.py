@@ -20,6 +20,7 @@ What the test does:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +33,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "fastattn_test_comfy_host", os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_host.py")
+)
+comfy_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(comfy_host)  # the boot prelude shared with the diffusion host tests
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 if not COMFYUI_DIR:
@@ -53,62 +60,9 @@ PROBE_TAG = "FASTATTN_PROBE_JSON "
 # Runs inside the ComfyUI subprocess (cwd = COMFYUI_DIR). `boot.py main ARGS...` starts main.py as
 # `python main.py ARGS...` would. `boot.py probe BASE` loads the custom nodes in process and prints one
 # JSON line.
-_BOOT = textwrap.dedent(
+_BOOT = comfy_host.BOOT_PRELUDE + textwrap.dedent(
     r'''
     import asyncio
-    import importlib
-    import importlib.abc
-    import importlib.machinery
-    import json
-    import os
-    import runpy
-    import sys
-    import types
-
-
-    class _ImportOnlyTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        """Any `torchvision[.x.y]` import gives an empty module whose attributes are submodules."""
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "torchvision":
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = types.ModuleType(spec.name)
-
-            def __getattr__(attr, _name=spec.name):
-                if attr.startswith("__"):
-                    raise AttributeError(attr)
-                return importlib.import_module(f"{_name}.{attr}")
-
-            module.__getattr__ = __getattr__
-            return module
-
-        def exec_module(self, module):
-            pass
-
-
-    class _BlockFastattn(importlib.abc.MetaPathFinder):
-        """Hides an installed fastattn: the pack must then work from custom_nodes alone."""
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "fastattn":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-
-    def _prepare():
-        try:
-            import torchvision  # noqa: F401
-        except Exception:  # missing, or built for another torch (its _C extension fails to load)
-            for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-                del sys.modules[name]
-            sys.meta_path.insert(0, _ImportOnlyTorchvision())
-            print("fastattn-test: torchvision replaced by an import-only stub", file=sys.stderr)
-        if os.environ.get("FASTATTN_TEST_HIDE_FASTATTN") == "1":
-            sys.meta_path.insert(0, _BlockFastattn())
-        sys.path.insert(0, os.getcwd())
 
 
     def _jsonable(x):
