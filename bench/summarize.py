@@ -43,10 +43,44 @@ def kernel_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comfyui_table(records: list[dict]) -> str:
+    """ms per step inside ComfyUI's model code per case and variant, with the speed-up over ComfyUI's default."""
+    lines = [
+        "| model | size | variant | ms/step | vs default | attention density | output rel-L2 vs default | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        size = r["resolution"] + (f"×{r['frames']}" if r.get("frames", 1) > 1 else "")
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {size} | {r['variant']} | — | — | — | — | skipped: {r['skipped']} |")
+            continue
+        density = f"{r['density']:.3f}" if r.get("density") is not None else "—"
+        rel = "—" if r["variant"] == "default" else f"{r['out_rel_l2_vs_default']:.3f}"
+        notes = []
+        if "fallback_calls" in r:
+            notes.append(f"fallbacks {r['fallback_calls']}")
+        if "served_calls" in r:
+            notes.append(f"calls served {r['served_calls']}")
+        for reason, n in (r.get("host_calls") or {}).items():
+            notes.append(f"to the host's attention {n}: {reason}")
+        lines.append(
+            f"| {r['model']} | {size} | {r['variant']} | {r['step_ms']:.1f} | {r['speedup_vs_default']:.2f}× "
+            f"| {density} | {rel} | {', '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         recs = json.load(open(path))
         r0 = recs[0]
+        if r0.get("bench") == "comfyui":
+            print(
+                f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, ComfyUI {r0['comfyui']} "
+                f"(default attention {r0['comfy_attention']}), comfy-kitchen {r0['comfy_kitchen']}\n"
+            )
+            print(comfyui_table(recs))
+            continue
         print(
             f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}; baseline cuDNN SDPA in the same run\n"
         )
