@@ -8,8 +8,9 @@ dense attention ran instead of the kernel (``None`` when it did not); it counts 
 warns once per fallback reason; :func:`run_attention` returns the reason with every call.
 
 Both run the ``torch.library`` custom op ``fastattn::sparse_attention`` so ``torch.compile`` treats the
-kernel as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run the exact PyTorch
-reference (or the Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and ``backend="triton"``).
+kernel as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run the listed blocks only
+(:mod:`.cpu_sparse`, batched PyTorch products that equal the exact reference up to float rounding), or the
+Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and ``backend="triton"``.
 Inputs the kernel cannot serve (head_dim other than 64/128, fp32, a GPU older than Ampere) run exact
 dense attention instead.
 """
@@ -190,6 +191,10 @@ def _sparse_attention_op(
         from .triton_attention import triton_attention
 
         return triton_attention(q, k, v, lists, scale, quant, perm)
+    if q.device.type == "cpu":  # only the listed blocks, batched (equals the reference up to rounding)
+        from .cpu_sparse import listed_blocks_attention
+
+        return listed_blocks_attention(q, k, v, lists, scale, quant, perm)
     return reference_attention(q, k, v, lists, scale, quant, perm)
 
 
