@@ -14,6 +14,7 @@ kernel layer, whose fallbacks come back as values and are counted with their rea
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from . import dynamic  # noqa: F401  (registers the dynamic method's per-call ha
 from .context import ForwardContext, ForwardState
 from .observe import ObservedCall
 from .stats import AttentionStats
+
+CPU_NOTE = "sparse calls on the CPU (PyTorch reference code: slower than dense attention)"
 
 
 def sdpa_dense(query, key, value, attn_mask=None, scale=None):
@@ -131,6 +134,8 @@ class AttentionRuntime:
         # Head-wise reuse (plan.heads.reuse): (layer, CFG pass) -> the layer's last output [B, H, S, D].
         self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._observers: list[Callable[[ObservedCall], None]] = []
+        self._step_problems: dict = {}  # num_steps -> plan.step_problem(num_steps), checked once
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
     def begin_forward(self, ctx: ForwardContext) -> ForwardState:
@@ -139,9 +144,20 @@ class AttentionRuntime:
             raise TypeError(f"begin_forward takes a ForwardContext, got {type(ctx).__name__}")
         if ctx.step == 0 and ctx.cfg_branch == 0:
             self.reset_run()  # a new run: caches of the last one describe other latents
+        problem = self._step_problems.get(ctx.num_steps, ())
+        if problem == ():
+            problem = self._step_problems[ctx.num_steps] = self.plan.step_problem(ctx.num_steps)
+        if problem is not None:  # a plan that silently does nothing (or ignores a setting) says so
+            self.stats.notes[problem] += 1
+            if problem not in self._warned:
+                self._warned.add(problem)
+                warnings.warn(f"fastattn: {problem}", stacklevel=2)
         return ForwardState(ctx)
 
     def end_forward(self, state: ForwardState) -> None:
+        ctx = state.ctx
+        if ctx.num_steps and ctx.step >= ctx.num_steps - 1:
+            self._end_of_run(ctx.cfg_branch)
         self.stats.forwards += 1
         self.stats.layers_per_forward = state.layer_counter
         if self.num_layers and state.layer_counter not in (0, self.num_layers):
@@ -149,6 +165,13 @@ class AttentionRuntime:
                 f"forward served {state.layer_counter} self-attention calls, the model has {self.num_layers} "
                 "layers (layer indices of dense_layers / head tables may be off)"
             ] += 1
+
+    def _end_of_run(self, branch: int) -> None:
+        """The last step of a run is done for this CFG pass: free what it kept for later steps (the other
+        pass of the same step still needs its own entries)."""
+        for cache in (self.residuals, self.selections, self.head_outputs):
+            for slot in [s for s in cache if s[1] == branch]:
+                del cache[slot]
 
     def reset_run(self) -> None:
         """A new denoising run: drop what the last one cached (residuals, selections, head outputs)."""
@@ -334,6 +357,8 @@ class AttentionRuntime:
             self.stats.add_dense(f"kernel: {fallback}", call.work, False)
         else:
             self.stats.add_sparse(call.work, density)
+            if not q.is_cuda:
+                self.stats.notes[CPU_NOTE] += 1
             if self._observers:
                 seen = ObservedCall(call.ctx, call.layer, q, k, v, out, call.scale, density, plan.quant)
                 for fn in list(self._observers):

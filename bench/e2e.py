@@ -402,12 +402,14 @@ def main(argv=None) -> int:
                 handle.disable()
             family = handle.models[0].adapter.family
             full_kwargs = {**plan_kwargs, **({"block_size": 16} if tiny else {})}
+            n_steps = 50
             dense_steps = fa.make_plan(
                 family, **{k: v for k, v in full_kwargs.items() if k != "block_size"}
-            ).dense_steps
+            ).dense_steps_for(n_steps)  # presets give dense_steps as a fraction of the run
             schedule = None
             if args.schedule_steps:
-                handle = fa.enable(model, **full_kwargs)  # the plan as users run it: its own dense steps
+                # the plan as users run it: its own dense steps (a bare transformer needs the step count)
+                handle = fa.enable(model, **full_kwargs, num_steps=args.schedule_steps)
                 try:
                     sched_ms = time_schedule(model, inputs, args.schedule_steps)
                     sched_stats = handle.stats()
@@ -419,7 +421,6 @@ def main(argv=None) -> int:
                     planned_dense=sched_stats["planned_dense"], fallbacks=sched_stats["fallbacks"],
                     selections=sched_stats.get("selections"), selection_reuses=sched_stats.get("selection_reuses"),
                 )  # fmt: skip
-            n_steps = 50
             sched = n_steps * base[best] / (dense_steps * base[best] + (n_steps - dense_steps) * step_ms)
             rec = dict(
                 bench="e2e",

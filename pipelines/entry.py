@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..plans import AttentionPlan, make_plan
 from .families import adapter_for
-from .integration import enable_models, find_transformers, model_fingerprint
+from .integration import enable_models, find_transformers, model_fingerprint, unwrap_compiled
 
 
 def enable(
@@ -36,12 +36,22 @@ def enable(
             ``start_percent``, ``end_percent``, ``block_size``, ``residual``, ``residual_refresh``; and e.g.
             ``window=``, ``factor=``, ``top_p=``). Unknown names are refused with the list of known ones.
 
-    Everything is validated before any model is touched. Enabling an already enabled model replaces its
-    plan cleanly (the old handle is disabled first).
+    Everything is validated before any model is touched. Enabling an already enabled pipeline or model
+    again replaces its plan cleanly (the old handle is disabled first); a transformer enabled through its
+    pipeline is changed through the pipeline, and one enabled directly is not taken over by a pipeline
+    (both refused with what to do). A ``torch.compile``'d model (or pipeline component) is enabled on the
+    module it wraps.
     """
     from . import attach_pipeline_methods
 
     attach_pipeline_methods()
+    if num_steps is not None and (
+        isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1
+    ):
+        raise ValueError(
+            f"num_steps must be a positive int (the run's denoising steps) or None, got {num_steps!r}"
+        )
+    target = unwrap_compiled(target)
     models, pipe = find_transformers(target)
     if preset is None and method is None and plan is None:
         preset = "balanced"
@@ -49,8 +59,30 @@ def enable(
         make_plan(adapter_for(m).family, preset, method, density, plan, fingerprint=model_fingerprint(m), **settings)
         for m in models
     ]
+    _check_owner(models, pipe)
     _disable_existing(target, models)
     return enable_models(models, pipe, plans, num_steps)
+
+
+def _check_owner(models, pipe) -> None:
+    """One owner per transformer: mixing a pipeline-level and a model-level enable left a model patched
+    after ``pipe.disable_fast_attention()`` returned True."""
+    owner = type(pipe).__name__ if pipe is not None else None
+    for m in models:
+        h = m.__dict__.get("_fastattn_handle")
+        if h is None or not h.enabled or h.owner == owner:
+            continue
+        name = type(m).__name__
+        if h.owner is None:
+            raise ValueError(
+                f"{name} is already enabled directly (fastattn.enable(transformer)); call "
+                f"fastattn.disable(pipe.transformer) (or that handle's disable()) before enabling the pipeline"
+            )
+        raise ValueError(
+            f"{name} is already enabled through {h.owner}: change its plan with pipe.enable_fast_attention(...) "
+            f"(or fastattn.enable(pipe, ...)), or call pipe.disable_fast_attention() before enabling it "
+            f"{'directly' if owner is None else 'through ' + owner}"
+        )
 
 
 def _disable_existing(target, models) -> None:
@@ -65,6 +97,7 @@ def _disable_existing(target, models) -> None:
 
 def disable(target) -> bool:
     """Undo ``enable`` on a pipeline or transformer; returns False when it was not enabled."""
+    target = unwrap_compiled(target)
     h = target.__dict__.get("_fastattn_handle") if hasattr(target, "__dict__") else None
     if h is None:
         return False

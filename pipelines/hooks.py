@@ -68,15 +68,18 @@ class ContextHook(ModelHook):
 
     _is_stateful = True  # so diffusers' cache_context and reset reach it
 
-    def __init__(self, adapter, runtime, clock: StepClock):
+    def __init__(self, adapter, runtime, clock: StepClock, watch=None):
         super().__init__()
         self.adapter = adapter
         self.runtime = runtime
         self.clock = clock
+        self.watch = watch  # called at every forward (the handle checks its processors are still in place)
         self.state_manager = StateManager(_NoState)  # carries diffusers' CacheContext to us
 
     @torch.compiler.disable
     def _begin(self, module, args, kwargs):
+        if self.watch is not None:
+            self.watch()
         layout = self.adapter.layout(module, args, kwargs)
         timestep = self.adapter.timestep(module, args, kwargs)
         ctx = self.clock.context(layout, timestep, self.state_manager._context)

@@ -14,7 +14,10 @@ Enabling a model that is already enabled replaces the previous handle cleanly (d
 
 from __future__ import annotations
 
+import warnings
 import weakref
+
+import torch
 
 from ..attention.runtime import AttentionRuntime
 from ..plans.schema import AttentionPlan
@@ -23,6 +26,7 @@ from .families import FamilyAdapter, adapter_for, supported_classes
 from .hooks import ContextHook, StepClock, install_context_hook, pipeline_num_steps, wrap_pipeline_reset
 
 _ATTR = "_fastattn_handle"
+REPLACED_NOTE = "self-attention calls bypassed: layers got a new processor or backend after enable()"
 
 
 class ModelHandle:
@@ -40,6 +44,7 @@ class ModelHandle:
         self._saved_processors = None
         self._saved_backends: list[tuple[object, object]] = []
         self.uncovered: dict[str, str] = {}
+        self._installed: dict[str, object] = {}  # path -> the processor we put there (replacing families)
 
         if adapter.replace:
             from .processors import PROCESSORS
@@ -53,7 +58,7 @@ class ModelHandle:
                     if not hasattr(proc, "_attention_backend"):
                         self.uncovered[path] = type(proc).__name__
                     continue
-                new[path] = PROCESSORS[target]()
+                new[path] = self._installed[path] = PROCESSORS[target]()
             model.set_attn_processor(new)
             dense_backend = None
         else:
@@ -79,25 +84,70 @@ class ModelHandle:
                     self.shared_cross.append(path)
                 self._saved_backends.append((proc, proc._attention_backend))
                 proc._attention_backend = member
+        self._member = member
+        # (path, attention module, its processor) of every routed layer: a processor or backend the user
+        # installs later (set_attn_processor, an IP-Adapter, set_attention_backend) bypasses us; the
+        # context hook checks these identities at every forward (a few attribute reads) and says so.
+        self._routes = [
+            (path, model.get_submodule(path.rpartition(".")[0]), procs[path])
+            for path in self.self_attention_paths
+            if getattr(procs[path], "_attention_backend", None) is member
+        ]
+        self.replaced: list[str] = []
+        self._warned_replaced = False
+        self.owner: str | None = None  # the pipeline class that enabled this model (set by Handle)
 
         self.runtime = AttentionRuntime(
             plan, num_layers=len(self.self_attention_paths), dense_fn=dense_backend_fn(dense_backend)
         )
         self.clock = clock
-        self._remove_hook = install_context_hook(model, ContextHook(adapter, self.runtime, clock))
+        hook = ContextHook(adapter, self.runtime, clock, watch=self._check_routes)
+        self._remove_hook = install_context_hook(model, hook)
         setattr(model, _ATTR, self)
         self.enabled = True
 
+    def _check_routes(self) -> None:
+        """At every forward: count the routed layers whose processor or backend changed since enable."""
+        member = self._member
+        replaced = [
+            p
+            for p, mod, proc in self._routes
+            if mod.processor is not proc or proc._attention_backend is not member
+        ]
+        if not replaced:
+            return
+        self.replaced = replaced
+        model = self.model_ref()
+        self.runtime.stats.notes[REPLACED_NOTE] += len(replaced)
+        if not self._warned_replaced:
+            self._warned_replaced = True
+            warnings.warn(
+                f"fastattn: {type(model).__name__}: {len(replaced)} of {len(self._routes)} self-attention layers "
+                f"got a new processor or backend after enable() (set_attn_processor, an IP-Adapter, "
+                f"set_attention_backend; first: {replaced[0]}): their calls bypass fastattn and run the new one. "
+                "Call fastattn.enable(...) again after changing processors to route them",
+                stacklevel=4,
+            )
+
     def disable(self) -> None:
+        """Undo what enable did, and only that: a processor or backend the user set since stays."""
         if not self.enabled:
             return
         model = self.model_ref()
         self._remove_hook()
         for proc, backend in self._saved_backends:
-            proc._attention_backend = backend
+            if proc._attention_backend is self._member:
+                proc._attention_backend = backend
         if model is not None:
             if self._saved_processors is not None:
-                model.set_attn_processor(self._saved_processors)
+                current = model.attn_processors
+                restore = {
+                    path: self._saved_processors[path]
+                    if path in self._saved_processors and proc is self._installed.get(path, self._saved_processors[path])
+                    else proc
+                    for path, proc in current.items()
+                }  # fmt: skip
+                model.set_attn_processor(restore)
             if model.__dict__.get(_ATTR) is self:
                 delattr(model, _ATTR)
         self.runtime.clear()
@@ -115,6 +165,7 @@ class ModelHandle:
             "residual_bytes": self.runtime.residual_bytes(),
             "residual_peak_bytes": self.runtime.residual_peak_bytes,
             "cache_bytes": self.runtime.cache_bytes(),
+            "device": _device_type(model),
         }
         out.update(self.runtime.stats.as_dict())
         out["layers_per_forward"] = len(self.self_attention_paths)
@@ -122,6 +173,8 @@ class ModelHandle:
             out["uncovered_processors"] = dict(self.uncovered)
         if self.shared_cross:
             out["shared_cross_attention_processors"] = list(self.shared_cross)
+        if self.replaced:
+            out["replaced_processors"] = list(self.replaced)
         return out
 
 
@@ -133,11 +186,16 @@ class Handle:
         self.clock = clock
         self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self._undo_pipe = None
+        for m in models:
+            m.owner = type(pipe).__name__ if pipe is not None else None
         if pipe is not None:
-            self._undo_pipe = wrap_pipeline_reset(pipe, self._reset_run)
+            self._undo_pipe = wrap_pipeline_reset(pipe, self.reset_run)
             pipe._fastattn_handle = self
 
-    def _reset_run(self) -> None:
+    def reset_run(self) -> None:
+        """End the current run: restart the step count and free what it cached (residuals, dynamic
+        selections, reused head outputs). A pipeline does this after every call, and a bare transformer
+        enabled with ``num_steps=`` after its last step; call it yourself between runs otherwise."""
         if self.clock is not None:
             self.clock.reset()
         for m in self.models:
@@ -185,17 +243,13 @@ class Handle:
 def find_transformers(target) -> tuple[list, object | None]:
     """``(transformers, pipe)``: the supported models in a pipeline (``transformer``, ``transformer_2``...)
     or the model itself."""
+    target = unwrap_compiled(target)
     components = getattr(target, "components", None)
     if isinstance(components, dict) and not hasattr(target, "attn_processors"):
-        models = [m for m in components.values() if m is not None and adapter_for(m) is not None]
+        candidates = [unwrap_compiled(m) for m in components.values() if m is not None]
+        models = [m for m in candidates if adapter_for(m) is not None]
         if not models:
-            found = sorted(
-                {
-                    type(m).__name__
-                    for m in components.values()
-                    if m is not None and hasattr(m, "attn_processors")
-                }
-            )
+            found = sorted({type(m).__name__ for m in candidates if hasattr(m, "attn_processors")})
             raise ValueError(
                 f"{type(target).__name__} has no transformer fastattn supports (found {found or 'none'}); "
                 f"supported: {supported_classes()}"
@@ -207,6 +261,21 @@ def find_transformers(target) -> tuple[list, object | None]:
             f"{supported_classes()}"
         )
     return [target], None
+
+
+def unwrap_compiled(obj):
+    """The module ``torch.compile`` wrapped (an ``OptimizedModule`` keeps it as ``_orig_mod`` and calls it),
+    else ``obj``: enabling patches the original module, which the compiled wrapper runs."""
+    while isinstance(obj, torch.nn.Module) and isinstance(obj._modules.get("_orig_mod"), torch.nn.Module):
+        obj = obj._modules["_orig_mod"]
+    return obj
+
+
+def _device_type(model) -> str | None:
+    if model is None:
+        return None
+    p = next(iter(model.parameters()), None)
+    return p.device.type if p is not None else None
 
 
 def model_fingerprint(model):
@@ -244,6 +313,14 @@ def enable_models(models, pipe, plans, num_steps=None) -> Handle:
         for h in handles:
             h.disable()
         raise
+    on_cpu = [type(m).__name__ for m, p in zip(models, plans) if not p.is_exact and _device_type(m) == "cpu"]
+    if on_cpu:
+        warnings.warn(
+            f"fastattn: {', '.join(on_cpu)} is on the CPU: sparse and quantized attention run PyTorch reference "
+            "code there, slower than dense attention. fastattn speeds up CUDA GPUs; move the model to one "
+            "(before or after enabling). stats() counts the calls served on the CPU",
+            stacklevel=3,
+        )
     return Handle(handles, pipe, clock)
 
 

@@ -192,12 +192,14 @@ class DynamicConfig(MethodConfig):
     def __post_init__(self):
         if self.estimator not in ("sampled", "pooled"):
             raise ValueError(f"dynamic: estimator must be 'sampled' or 'pooled', got {self.estimator!r}")
-        if not isinstance(self.sample_rows, int) or self.sample_rows < 1:
-            raise ValueError(f"dynamic: sample_rows must be a positive int, got {self.sample_rows!r}")
-        if not isinstance(self.reuse_steps, int) or self.reuse_steps < 1:
-            raise ValueError(f"dynamic: reuse_steps must be a positive int, got {self.reuse_steps!r}")
-        if not isinstance(self.key_group, int) or self.key_group < 1:
-            raise ValueError(f"dynamic: key_group must be a positive int, got {self.key_group!r}")
+        for name in ("sample_rows", "reuse_steps", "key_group"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"dynamic: {name} must be a positive int, got {v!r}")
+        for name in ("top_p", "min_density", "max_density"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"dynamic: {name} must be a number in [0, 1], got {v!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"dynamic: top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_density <= self.max_density <= 1.0 or self.max_density <= 0.0:
@@ -235,7 +237,11 @@ class StripesConfig(MethodConfig):
     fractions: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.fractions, bool):
+            raise TypeError(f"stripes: fractions must be True or False, got {self.fractions!r}")
         try:
+            if any(isinstance(x, bool) for pair in self.key_ranges for x in pair):
+                raise TypeError("bool in key_ranges")
             ranges = tuple((float(a), float(b)) for a, b in self.key_ranges)
         except (TypeError, ValueError):
             raise ValueError(f"stripes: key_ranges must be a list of [start, end) pairs, got {self.key_ranges!r}") from None
@@ -282,7 +288,18 @@ def build_mask(config: MethodConfig, layout: TokenLayout, block_size: int) -> Bl
     if handler is None:
         kind = "is chosen per call (see call_handler)" if type(config) in _CALL_HANDLERS else "has no handler"
         raise TypeError(f"method {config.name!r} ({type(config).__name__}) {kind}, not a structural mask")
-    return handler(config, layout, block_size)
+    mask = handler(config, layout, block_size)
+    if not isinstance(config, SkipConfig):
+        # A query block with no key block would output zeros (and count as sparse work): refuse it.
+        empty = int((mask.kv_counts == 0).sum())
+        if empty:
+            raise ValueError(
+                f"{config.name}: {describe(config)} leaves {empty} query blocks with no key block on this layout "
+                f"(seq_len {layout.seq_len}, text {layout.text_len}, grid {layout.grid}, block_size {block_size}); "
+                "their attention output would be zeros. Choose parameters that cover every query "
+                "(e.g. multi_diagonal frame_offsets including 0)"
+            )
+    return mask
 
 
 # Methods whose blocks depend on the call's q and k (``dynamic``): ``fn(config, q, k, layout, block_size,

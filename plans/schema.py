@@ -16,6 +16,7 @@ sensitive, so they stay exact.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from ..attn_kernels.quantize import MODES as QUANT_MODES
@@ -178,12 +179,56 @@ class AttentionPlan:
             wanted = {i if i >= 0 else n + i for i in self.dense_layers}
             if layer in wanted:
                 return "dense_layers"
-        if self.start_percent > 0.0 or self.end_percent < 1.0:
-            if num_steps and not (self.start_percent <= step / num_steps < self.end_percent):
-                return "outside start_percent/end_percent"
+        if not self._in_window(step, num_steps):
+            return "outside start_percent/end_percent"
         if self.is_exact:
             return "method dense"
         return None
+
+    def _in_window(self, step: int, num_steps: int | None) -> bool:
+        if (self.start_percent == 0.0 and self.end_percent == 1.0) or not num_steps:
+            return True
+        return self.start_percent <= step / num_steps < self.end_percent
+
+    def step_settings(self) -> list[str]:
+        """The settings that need the run's step count (``start_percent=0.5``...), as ``name=value``."""
+        out = []
+        if isinstance(self.dense_steps, float) and self.dense_steps > 0:
+            out.append(f"dense_steps={self.dense_steps:g} (a fraction of the run)")
+        if self.start_percent > 0.0:
+            out.append(f"start_percent={self.start_percent:g}")
+        if self.end_percent < 1.0:
+            out.append(f"end_percent={self.end_percent:g}")
+        if self.heads is not None and self.heads.num_groups > 1:
+            out.append("heads.step_bounds (step groups)")
+        return out
+
+    def step_problem(self, num_steps: int | None) -> str | None:
+        """Why the step settings cannot do what they say in a run of ``num_steps`` (``None``: fine).
+
+        Two silent no-ops become a message: settings that need the step count when the run does not give
+        it (they are then ignored), and step settings that leave the method no step of the run at all.
+        """
+        if self.is_exact:
+            return None
+        if not num_steps:
+            needs = self.step_settings()
+            if not needs:
+                return None
+            return (
+                f"{', '.join(needs)} need the run's step count, which this run does not give: ignored, the "
+                "method runs at every step. Pass num_steps= to enable() when enabling a bare transformer "
+                "(a pipeline gives it itself)"
+            )
+        first = self.dense_steps_for(num_steps)
+        if any(self._in_window(step, num_steps) for step in range(first, num_steps)):
+            return None
+        named = [f"dense_steps={self.dense_steps:g}"] if self.dense_steps else []
+        named += [s for s in self.step_settings() if not s.startswith(("dense_steps", "heads"))]
+        return (
+            f"with {', '.join(named)}, no step of this {num_steps}-step run runs the method: every call is "
+            "dense (a fractional dense_steps, e.g. 0.1, scales with the run's length)"
+        )
 
     def residual_action(self, step: int, num_steps: int | None) -> str | None:
         """For a call the method serves, with residual sharing: ``"capture"`` (run dense, keep
@@ -203,6 +248,13 @@ class AttentionPlan:
             raise ValueError(
                 f"dense_layers {bad} out of range: the model has {num_layers} self-attention layers "
                 f"(valid: {-num_layers}..{num_layers - 1})"
+            )
+        covered = {i % num_layers for i in self.dense_layers} if num_layers else set()
+        if num_layers and not self.is_exact and len(covered) == num_layers:
+            warnings.warn(
+                f"fastattn: dense_layers {list(self.dense_layers)} cover all {num_layers} self-attention layers: "
+                "no call runs the method",
+                stacklevel=4,
             )
         if self.heads is not None:
             self.heads.check_model(num_layers, num_heads)

@@ -45,7 +45,8 @@ def test_sparse_plan_counts_steps_and_residual_captures(model):
     # step 0 dense and, being the last dense step, it captures the residual; steps 1..3 sparse
     assert st["planned_dense"] == {"residual capture (WA-RS)": layers}
     assert st["sparse_calls"] == 3 * layers and st["fallbacks"] == {}
-    assert 0.5 < st["density"] < 1.0 and st["residual_bytes"] > 0
+    assert 0.5 < st["density"] < 1.0 and st["residual_peak_bytes"] > 0
+    assert st["residual_bytes"] == 0  # freed when the run's last step ended
     assert not torch.equal(out, ref) and 15 < float(psnr(out, ref)) < float("inf")
     # a second run starts over: the residuals of the first are dropped at step 0
     h.reset_stats()
