@@ -13,10 +13,21 @@ broadcast), plus the geometry that says which tokens each block index covers.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+
+def check_int(name: str, value) -> int:
+    """``value`` if it is an integer (Python or NumPy; not a bool, not a float), else a TypeError naming it.
+
+    Lengths, block sizes, windows and grids count tokens or blocks: ``True`` meaning 1 or ``2.5`` truncated
+    to 2 would build a different mask than the one asked for, silently."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)  # NumPy ints become ints
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -50,6 +61,8 @@ class KernelGeometry:
     kv_split: int = 0
 
     def __post_init__(self):
+        for name in ("q_len", "kv_len", "block_size", "q_split", "kv_split"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         for side in ("q", "kv"):

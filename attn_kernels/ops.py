@@ -13,18 +13,23 @@ kernel as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run t
 Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and ``backend="triton"``.
 Inputs the kernel cannot serve (head_dim other than 64/128, fp32, a GPU older than Ampere) run exact
 dense attention instead.
+
+The op has an autograd formula (:mod:`.backward`): gradients of the reference math over the same block lists
+and permutation, whichever forward ran (straight-through for quantized modes); the dense fallback is SDPA's.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 import weakref
 from typing import NamedTuple
 
 import torch
 
+from . import backward as _backward
 from . import quantize as Qz
 from .geometry import BlockLists, KernelGeometry, check_block_lists
 from .reference import attention_reference, reference_attention
@@ -93,6 +98,11 @@ def _check_tensors(q, k, v, square: bool) -> None:
             raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
+        shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        if 0 in (q.shape[-1], k.shape[-1], v.shape[-1]):
+            raise ValueError(f"head_dim (D of [B, H, S, D]) must be at least 1; got {shapes}")
+        raise ValueError(f"q, k, v must be non-empty [B, H, S, D] tensors; got {shapes}")
     b, h, _, d = q.shape
     if square:
         ok = q.shape == k.shape and k.shape[:3] == v.shape[:3] and v.shape[-1] == d
@@ -111,6 +121,29 @@ def _check_tensors(q, k, v, square: bool) -> None:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if any(st == 0 and n > 1 for t in (q, k, v) for st, n in zip(t.stride()[2:], t.shape[2:])):
         raise ValueError("q, k, v must not be broadcast (stride 0) along tokens or channels")
+
+
+def _check_scale(scale) -> None:
+    """None (``1/sqrt(D)``) or a finite positive number: the kernel's running max assumes scores keep their
+    order, and an infinite scale turns every row into NaN."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            f"scale must be a float (softmax temperature) or None, got {type(scale).__name__} {scale!r}"
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive, finite float (softmax temperature), got {scale}")
+
+
+def _check_flags(quant, **flags) -> None:
+    if not isinstance(quant, str):
+        raise TypeError(
+            f"quant must be a mode name (str), one of {Qz.MODES}; got {type(quant).__name__} {quant!r}"
+        )
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def _check_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int) -> None:
@@ -204,6 +237,10 @@ def _(q, k, v, kv_counts, kv_indices, perm, scale, block_size, q_split, kv_split
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
 
+# Training and gradient guidance: the reference math's gradients, recomputed from q, k, v (see .backward)
+_sparse_attention_op.register_autograd(_backward.backward, setup_context=_backward.setup_context)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -269,6 +306,8 @@ def run_attention(
     """
     _check_backend(backend)
     _check_tensors(q, k, v, square=False)
+    _check_scale(scale)
+    _check_flags(quant, need_lse=need_lse)
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     if isinstance(counts, torch.Tensor):
@@ -328,6 +367,8 @@ def sparse_attention(
     """
     _check_backend(backend)
     _check_tensors(q, k, v, square=True)
+    _check_scale(scale)
+    _check_flags(quant, return_lse=return_lse)
     b, h, s, _ = q.shape
     if block_mask is None:
         lists = _dense_lists(KernelGeometry.square(s, 128), q.device)
@@ -345,9 +386,7 @@ def sparse_attention(
 
 def _attend(q, k, v, lists: BlockLists, scale, quant, perm, backend, need_lse) -> AttentionResult:
     """Inputs checked: pick the backend and run. A dense fallback without ``need_lse`` has ``lse`` None."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not scale > 0:  # the kernel's running max assumes scores keep their order
-        raise ValueError(f"scale must be a positive float (softmax temperature), got {scale}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)  # checked by _check_scale
     if quant.endswith("fp8") and not pv_fp8_supported(q.device):
         # GPUs without FP8 tensor cores: 16-bit P.V (and integer Q.K^T for the all-FP8 mode)
         served = "int8" if quant == "fp8" else quant[: -len("-fp8")]

@@ -11,6 +11,9 @@ against a key chunk, as ring attention needs). The kernels see neither layout, o
 :meth:`BlockMask.block_lists` (counts, indices and a :class:`~fastattn.attn_kernels.geometry.KernelGeometry`).
 
 Nothing here materialises an S x S mask; ``to_token_mask`` exists for tests on small sequences.
+
+Sizes are checked before anything is allocated: a mask holds at most :data:`MAX_BLOCK_PAIRS` (batch x head x
+query block x key block) entries, a token mask at most :data:`MAX_TOKEN_MASK` (see :func:`check_mask_size`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,27 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..attn_kernels.geometry import BlockLists, KernelGeometry, block_map, check_block_lists
+from ..attn_kernels.geometry import BlockLists, KernelGeometry, block_map, check_block_lists, check_int
 from .layout import BlockGeometry, TokenLayout
+
+# Block pairs (summed over the mask's batch and head rows) one mask may hold: its int32 index table is then
+# at most 1 GiB, and building it from a block map sorts the map (about 16 bytes per pair while it runs).
+# A single-head mask at this limit has 16,384 blocks a side: 2M tokens in 128-token blocks.
+MAX_BLOCK_PAIRS = 1 << 28
+MAX_TOKEN_MASK = 1 << 30  # bool entries of to_token_mask (1 GiB)
+
+
+def check_mask_size(q_blocks: int, kv_blocks: int, block_size: int, rows: int = 1) -> None:
+    """Raise before allocating when a mask of ``rows`` (batch x head) rows of ``q_blocks x kv_blocks`` block
+    pairs is past :data:`MAX_BLOCK_PAIRS`."""
+    pairs = rows * q_blocks * kv_blocks
+    if pairs > MAX_BLOCK_PAIRS:
+        per_row = f" x {rows} (batch x head) rows" if rows > 1 else ""
+        raise ValueError(
+            f"a block mask of {q_blocks} x {kv_blocks} blocks{per_row} ({pairs:.3g} block pairs, about "
+            f"{pairs * 16 / 2**30:,.0f} GiB to build) is past fastattn's limit of {MAX_BLOCK_PAIRS:,} block "
+            f"pairs per mask: use a larger block_size (this one is {block_size}) or a shorter sequence"
+        )
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,30 @@ class BlockMask:
     kv_layout: TokenLayout | None = None  # the keys' layout when it differs (rectangular mask)
 
     def __post_init__(self):
+        # shapes and types only (no device sync): masks are also built per call (dynamic selection)
+        for name in ("layout", "kv_layout"):
+            lay = getattr(self, name)
+            if not (isinstance(lay, TokenLayout) or (name == "kv_layout" and lay is None)):
+                raise TypeError(f"{name} must be a TokenLayout, got {type(lay).__name__}")
+        object.__setattr__(self, "block_size", check_int("block_size", self.block_size))
+        counts, indices = self.kv_counts, self.kv_indices
+        if not (isinstance(counts, torch.Tensor) and isinstance(indices, torch.Tensor)):
+            raise TypeError(
+                "kv_counts and kv_indices must be torch.Tensors [Bm, Hm, nQ] and [Bm, Hm, nQ, maxK]"
+            )
+        if counts.dtype != torch.int32 or indices.dtype != torch.int32:
+            raise TypeError(f"kv_counts and kv_indices must be int32, got {counts.dtype} and {indices.dtype}")
+        if counts.dim() != 3 or indices.dim() != 4 or indices.shape[:3] != counts.shape:
+            raise ValueError(
+                f"kv_counts must be [Bm, Hm, nQ] and kv_indices [Bm, Hm, nQ, maxK]; got {tuple(counts.shape)} "
+                f"and {tuple(indices.shape)}"
+            )
+        nq = BlockGeometry(self.layout, self.block_size).num_blocks
+        if counts.shape[-1] != nq:
+            raise ValueError(
+                f"kv_counts lists {counts.shape[-1]} query blocks; seq_len {self.layout.seq_len} (text "
+                f"{self.layout.text_len}) in blocks of {self.block_size} has {nq}"
+            )
         if self.kv_layout == self.layout:  # one spelling of a square mask
             object.__setattr__(self, "kv_layout", None)
 
@@ -48,8 +94,9 @@ class BlockMask:
         ``kv_layout``, default ``layout``)."""
         n = BlockGeometry(layout, block_size).num_blocks
         nk = BlockGeometry(kv_layout or layout, block_size).num_blocks
-        if block_map.dtype != torch.bool:
-            raise TypeError(f"block_map must be torch.bool, got {block_map.dtype}")
+        if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
+            got = block_map.dtype if isinstance(block_map, torch.Tensor) else type(block_map).__name__
+            raise TypeError(f"block_map must be a torch.bool tensor, got {got}")
         while block_map.dim() < 4:
             block_map = block_map.unsqueeze(0)
         if block_map.dim() != 4 or block_map.shape[-2:] != (n, nk):
@@ -58,6 +105,7 @@ class BlockMask:
                 f"block_map must be [..., {n}, {nk}] for seq_len {layout.seq_len} (text {layout.text_len})"
                 f"{keys} with block_size {block_size}; got {tuple(block_map.shape)}"
             )
+        check_mask_size(n, nk, block_size, rows=block_map.shape[0] * block_map.shape[1])
         block_map = block_map.cpu()
         counts = block_map.sum(-1, dtype=torch.int32)
         max_k = max(int(counts.max()), 1)
@@ -72,6 +120,7 @@ class BlockMask:
     ) -> BlockMask:
         n = BlockGeometry(layout, block_size).num_blocks
         nk = BlockGeometry(kv_layout or layout, block_size).num_blocks
+        check_mask_size(n, nk, block_size)
         return cls.from_block_map(torch.ones(n, nk, dtype=torch.bool), layout, block_size, kv_layout)
 
     # ----------------------------------------------------------------- views
@@ -138,6 +187,13 @@ class BlockMask:
 
     def to_token_mask(self) -> torch.Tensor:
         """Boolean ``[Bm, Hm, S, Skv]`` (quadratic: tests and short CPU sequences only)."""
+        entries = self.kv_counts.shape[0] * self.kv_counts.shape[1] * self.seq_len * self.kv_len
+        if entries > MAX_TOKEN_MASK:
+            raise ValueError(
+                f"to_token_mask would hold {entries:.3g} entries ({self.seq_len} x {self.kv_len} tokens per "
+                f"row), past the limit of {MAX_TOKEN_MASK:,}: it is for tests on short sequences; use "
+                "to_block_map or block_lists"
+            )
         owners = []
         for starts, ends in (self.geometry.bounds(), self.kv_geometry.bounds()):
             owners.append(torch.repeat_interleave(torch.arange(len(starts)), ends - starts))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attn_kernels.geometry import check_int
+
 AXIS_ORDERS = tuple("".join(p) for p in itertools.permutations("FHW"))  # FHW, FWH, HFW, HWF, WFH, WHF
 
 
@@ -38,12 +40,22 @@ class TokenLayout:
     grid: tuple[int, int, int] | None = None
 
     def __post_init__(self):
+        for name in ("seq_len", "text_len"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
+        if not isinstance(self.text_first, bool):
+            raise TypeError(
+                f"text_first must be True or False, got {type(self.text_first).__name__} {self.text_first!r}"
+            )
+        if self.grid is not None:
+            if isinstance(self.grid, (str, bytes)) or not hasattr(self.grid, "__len__"):
+                raise TypeError(f"grid must be three ints (F, H, W), got {self.grid!r}")
+            object.__setattr__(self, "grid", tuple(check_int("grid entries (F, H, W)", g) for g in self.grid))
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if not 0 <= self.text_len <= self.seq_len:
             raise ValueError(f"text_len must be in [0, seq_len={self.seq_len}], got {self.text_len}")
         if self.grid is not None:
-            if len(self.grid) != 3 or any(int(g) <= 0 for g in self.grid):
+            if len(self.grid) != 3 or any(g <= 0 for g in self.grid):
                 raise ValueError(f"grid must be three positive ints (F, H, W), got {self.grid}")
             f, h, w = self.grid
             if f * h * w != self.image_len:
@@ -67,6 +79,8 @@ class TokenLayout:
 
     @classmethod
     def video(cls, frames: int, height: int, width: int, text_len: int = 0, text_first: bool = True):
+        for name, n in (("frames", frames), ("height", height), ("width", width)):
+            check_int(name, n)
         return cls(frames * height * width + text_len, text_len, text_first, (frames, height, width))
 
 
@@ -78,6 +92,9 @@ class BlockGeometry:
     block_size: int
 
     def __post_init__(self):
+        if not isinstance(self.layout, TokenLayout):
+            raise TypeError(f"layout must be a TokenLayout, got {type(self.layout).__name__}")
+        object.__setattr__(self, "block_size", check_int("block_size", self.block_size))
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 

@@ -8,20 +8,60 @@ mask for HunyuanVideo 720p (118,800 tokens) touches ~3,000 segments, not 10^10 t
 
 Text tokens follow ``text=``: ``"dense"`` (text queries see every key and every query sees the text
 keys: arrow attention) or ``"self"`` (text attends only to text, image only per the pattern).
+
+Arguments are checked before any work: windows and counts are ints (not bools or floats), and a layout
+whose mask would be past :data:`MAX_BLOCK_PAIRS`, or whose segment pairs would be past
+:data:`MAX_SEGMENT_PAIRS`, is refused with the numbers rather than built for minutes.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .block_mask import BlockMask
+from ..attn_kernels.geometry import check_int
+from .block_mask import MAX_BLOCK_PAIRS as MAX_BLOCK_PAIRS  # re-exported: the limit _geometry applies
+from .block_mask import BlockMask, check_mask_size
 from .layout import AXIS_ORDERS, BlockGeometry, TokenLayout
 
 _AXIS = {"F": 0, "H": 1, "W": 2}
 _CHUNK = 512  # query segments per step when pairing segments; bounds memory at ~100 MB
+# Row-segment pairs (query block segments x key block segments) a window3d / radial mask or density table
+# may compare: each is 3 int16 gaps, so this is ~6 GiB of gap arithmetic in bounded chunks, about a minute
+# of CPU. HunyuanVideo 720p needs 1.4e7 in 64-token blocks (7.8e6 in 128-token blocks).
+MAX_SEGMENT_PAIRS = 1 << 30
+
+
+def _geometry(layout: TokenLayout, block_size: int) -> BlockGeometry:
+    """The layout's blocks, refused up front when its square mask would be past :data:`MAX_BLOCK_PAIRS`."""
+    geom = BlockGeometry(layout, block_size)
+    check_mask_size(geom.num_blocks, geom.num_blocks, geom.block_size)
+    return geom
+
+
+def _check_text(text: str) -> str:
+    if text not in ("dense", "self"):
+        raise ValueError(f"text must be 'dense' or 'self', got {text!r}")
+    return text
+
+
+def _non_negative(name: str, value) -> int:
+    value = check_int(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _int_tuple(name: str, value, length: int, what: str) -> tuple[int, ...]:
+    """``length`` non-negative ints (a tuple, list or array; not a string)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be {length} non-negative ints {what}, got {value!r}")
+    if len(value) != length:
+        raise ValueError(f"{name} must be {length} non-negative ints {what}, got {value!r}")
+    return tuple(_non_negative(f"{name} entries {what}", x) for x in value)
 
 
 def _need_grid(layout: TokenLayout) -> tuple[int, int, int]:
@@ -80,10 +120,12 @@ class SegmentPairs:
     _FAR = 30_000  # padding coordinate; int16 holds the gaps after clamping
 
     def __init__(self, geom: BlockGeometry, order: str = "FHW"):
-        blk, lo, hi = image_segments(geom, order)
         n = geom.num_blocks
+        check_mask_size(n, n, geom.block_size)  # image_segments walks the blocks in Python
+        blk, lo, hi = image_segments(geom, order)
         counts = torch.bincount(blk, minlength=n)
         self.k = max(int(counts.max()) if len(blk) else 1, 1)
+        check_segment_pairs(n, self.k, geom)
         slot = torch.arange(len(blk)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         self.lo = torch.full((n, self.k, 3), self._FAR, dtype=torch.int32)
         self.hi = torch.full((n, self.k, 3), -self._FAR, dtype=torch.int32)
@@ -116,6 +158,20 @@ class SegmentPairs:
         return out
 
 
+def check_segment_pairs(n: int, k: int, geom: BlockGeometry, per_pair: int = 1) -> None:
+    """Raise when ``n`` blocks of up to ``k`` row segments each (``per_pair`` comparisons per block pair and
+    segment pair) are past :data:`MAX_SEGMENT_PAIRS`."""
+    work = (n * k) ** 2 * per_pair
+    if work > MAX_SEGMENT_PAIRS:
+        grid = geom.layout.grid
+        times = f" x {per_pair} temporal gaps" if per_pair > 1 else ""
+        raise ValueError(
+            f"{n} blocks of {geom.block_size} tokens, each up to {k} row segments of the grid {grid}, make "
+            f"{work:.3g} segment pairs{times} to compare, past fastattn's limit of {MAX_SEGMENT_PAIRS:,}: use a larger "
+            "block_size, a shorter sequence, or a grid with longer rows (the last axis of the token order)"
+        )
+
+
 def _interval_pairs(geom: BlockGeometry, allowed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Block map of image blocks from their 1-D image-index ranges (``allowed(dlo, dhi)``).
 
@@ -130,8 +186,7 @@ def _interval_pairs(geom: BlockGeometry, allowed: Callable[[torch.Tensor, torch.
 
 
 def _finish(image_map: torch.Tensor, geom: BlockGeometry, text: str) -> BlockMask:
-    if text not in ("dense", "self"):
-        raise ValueError(f"text must be 'dense' or 'self', got {text!r}")
+    _check_text(text)
     is_text = geom.is_text()
     bm = image_map.clone()
     if text == "dense":
@@ -152,16 +207,16 @@ def dense(layout: TokenLayout, block_size: int = 128) -> BlockMask:
 
 def band(layout: TokenLayout, window: int, block_size: int = 128, text: str = "dense") -> BlockMask:
     """1-D band over image tokens: ``|i - j| <= window`` in token order (DiTFastAttn window)."""
-    if window < 0:
-        raise ValueError(f"window must be >= 0 tokens, got {window}")
-    geom = BlockGeometry(layout, block_size)
+    window = _non_negative("window (tokens)", window)
+    _check_text(text)
+    geom = _geometry(layout, block_size)
     img = _interval_pairs(geom, lambda dlo, dhi: (dlo <= window) & (dhi >= -window))
     return _finish(img, geom, text)
 
 
 def arrow(layout: TokenLayout, factor: int, block_size: int = 128) -> BlockMask:
     """DiTFastAttnV2 arrow: image band of ``image_len / (2 * factor)`` tokens plus all text."""
-    if factor <= 0:
+    if check_int("factor", factor) <= 0:
         raise ValueError(f"factor must be positive, got {factor}")
     return band(layout, layout.image_len // (2 * factor), block_size, text="dense")
 
@@ -178,11 +233,14 @@ def multi_diagonal(
     ``frame_offsets=(-2, -1, 0, 1, 2)`` lets a token see its neighbourhood at the same spatial position
     in the two frames before and after.
     """
+    window = _non_negative("window (tokens)", window)
+    offsets = [check_int("frame_offsets entries", off) for off in frame_offsets]
+    _check_text(text)
     f, h, w = _need_grid(layout)
     stride = h * w
-    geom = BlockGeometry(layout, block_size)
+    geom = _geometry(layout, block_size)
     img = torch.zeros(geom.num_blocks, geom.num_blocks, dtype=torch.bool)
-    for off in frame_offsets:
+    for off in offsets:
         c = off * stride
         img |= _interval_pairs(geom, lambda dlo, dhi, c=c: (dlo <= c + window) & (dhi >= c - window))
     return _finish(img, geom, text)
@@ -195,10 +253,12 @@ def vertical_stripes(
     text: str = "dense",
 ) -> BlockMask:
     """Every query reads the image keys in ``key_ranges`` (image-token index ranges ``[a, b)``)."""
-    geom = BlockGeometry(layout, block_size)
+    ranges = [(check_int("key_ranges entries", a), check_int("key_ranges entries", b)) for a, b in key_ranges]
+    _check_text(text)
+    geom = _geometry(layout, block_size)
     lo, hi = geom.image_ranges()
     cols = torch.zeros(geom.num_blocks, dtype=torch.bool)
-    for a, b in key_ranges:
+    for a, b in ranges:
         if not 0 <= a < b <= layout.image_len:
             raise ValueError(f"key range {(a, b)} outside the {layout.image_len} image tokens")
         cols |= (lo < b) & (hi > a)
@@ -218,6 +278,7 @@ def window3d(
     ``order`` is the raster order the image tokens are stored in (a PARO reordering); the window is
     always in grid coordinates, so the same window under another order gives other blocks.
     """
+    _int_tuple("window", window, 3, "(wf, wh, ww)")  # before the segment work
     return window3d_builder(layout, block_size, order, text)(window)
 
 
@@ -226,14 +287,14 @@ def window3d_builder(
 ) -> Callable[[tuple[int, int, int]], BlockMask]:
     """``window -> window3d mask`` on one layout, sharing the segment gaps across calls (density search)."""
     grid = _need_grid(layout)
-    geom = BlockGeometry(layout, block_size)
+    _check_text(text)
+    geom = _geometry(layout, block_size)
     pairs = SegmentPairs(geom, order)
 
     def build(window: tuple[int, int, int]) -> BlockMask:
-        if len(window) != 3 or any(x < 0 for x in window):
-            raise ValueError(f"window must be three non-negative ints (wf, wh, ww), got {window}")
+        window = _int_tuple("window", window, 3, "(wf, wh, ww)")
         # a half-width past the grid's extent is the extent (and keeps the int16 gaps' padding unreachable)
-        lim = torch.tensor([min(int(x), n - 1) for x, n in zip(window, grid)], dtype=torch.int16)
+        lim = torch.tensor([min(x, n - 1) for x, n in zip(window, grid)], dtype=torch.int16)
         return _finish(pairs.block_map(lambda gap: (gap <= lim).all(-1)), geom, text)
 
     return build
@@ -253,7 +314,10 @@ def window3d_density_table(
     ``max(first j covering gap_h, first j covering gap_w)``.
     """
     f = _need_grid(layout)[0]
-    geom = BlockGeometry(layout, block_size)
+    geom = _geometry(layout, block_size)
+    spatial = [_int_tuple("spatial entries", x, 2, "(wh, ww)") for x in spatial]
+    # per block pair and temporal gap one table entry, besides the segment pairs SegmentPairs checks
+    check_segment_pairs(geom.num_blocks, 1, geom, per_pair=f + 1)
     pairs = SegmentPairs(geom, order)
     sp = torch.tensor(list(spatial), dtype=torch.long).reshape(-1, 2)
     n_j = len(sp)
@@ -306,9 +370,12 @@ def radial(
     Tokens ``df`` frames apart interact when ``|dh| <= wh >> floor(log2(1 + df))`` (likewise W), and
     ``df <= temporal_window`` if given. Density decays exponentially with temporal distance.
     """
-    wh, ww = window
-    geom = BlockGeometry(layout, block_size)
+    wh, ww = _int_tuple("window", window, 2, "(wh, ww)")
+    if temporal_window is not None:
+        temporal_window = _non_negative("temporal_window (frames)", temporal_window)
+    _check_text(text)
     f_max = _need_grid(layout)[0]
+    geom = _geometry(layout, block_size)
     tw = f_max if temporal_window is None else min(temporal_window, f_max)  # beyond the grid: all frames
 
     def allowed(gap):
@@ -327,9 +394,8 @@ def from_block_map(block_map: torch.Tensor, layout: TokenLayout, block_size: int
 
 def band_for_density(layout: TokenLayout, density: float, block_size: int = 128) -> BlockMask:
     """Diagonal band of key blocks whose block density is closest to ``density`` (benchmarks)."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    n = BlockGeometry(layout, block_size).num_blocks
+    _check_density(density)
+    n = _geometry(layout, block_size).num_blocks
     k = max(1, min(n, round(density * n)))
     i = torch.arange(n)
     start = torch.clamp(i - k // 2, 0, n - k)
@@ -337,13 +403,23 @@ def band_for_density(layout: TokenLayout, density: float, block_size: int = 128)
     return BlockMask.from_block_map(bm, layout, block_size)
 
 
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a float in (0, 1], got {type(density).__name__} {density!r}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return float(density)
+
+
 def window3d_for_density(layout: TokenLayout, density: float, block_size: int = 128, order="FHW"):
     """Smallest cubic-ish 3-D window whose block density reaches ``density``."""
+    _check_density(density)
     f, h, w = _need_grid(layout)
+    build = window3d_builder(layout, block_size, order)  # one segment-gap table for every window tried
     best = None
     for scale in torch.linspace(0.02, 1.0, 50).tolist():
         win = (math.ceil(scale * f), math.ceil(scale * h), math.ceil(scale * w))
-        m = window3d(layout, win, block_size, order)
+        m = build(win)
         best = m
         if m.block_density() >= density:
             break

@@ -9,6 +9,12 @@ to a warning) and a clear error when the private internals we rely on changed.
 The backend receives only tensors. Which model and forward a call belongs to is what the transformer's
 context hook (``hooks.py``) put in :data:`ACTIVE` for the running forward: a context variable, so each
 thread (and each asyncio task) sees its own forward — two pipelines in two threads never mix.
+
+Gradients (LoRA training, gradient guidance on an enabled pipeline): calls whose tensors need a gradient
+run the runtime eagerly instead of through the ``fastattn::runtime_attention`` op, so autograd records the
+operations the runtime really ran — SDPA for dense calls (exact), the kernel op's registered backward for
+sparse ones (see ``attn_kernels/backward.py``). The op itself stays the inference path: one opaque node per
+call in a compiled graph.
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ def fastattn_attention(
                 "fastattn_sparse: return_lse is not supported yet (no context parallelism)"
             )
         return out
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return _runtime_attend(query, key, value, attn_mask, scale)  # autograd sees the runtime's ops
     return runtime_attention(query, key, value, attn_mask, scale)
 
 
@@ -148,8 +156,14 @@ def runtime_attention(
     """Attention of the running fastattn forward on ``[B, S, H, D]`` tensors.
 
     A ``torch.library`` custom op, so a compiled graph holds one opaque node per call and nothing per
-    layer (no recompiles per layer), and the runtime's Python decisions always run eagerly.
+    layer (no recompiles per layer), and the runtime's Python decisions always run eagerly. Inference only:
+    :func:`fastattn_attention` routes calls that need gradients around it.
     """
+    return _runtime_attend(query, key, value, attn_mask, scale)
+
+
+def _runtime_attend(query, key, value, attn_mask, scale) -> torch.Tensor:
+    """The running forward's runtime (exact dense SDPA, counted, when none is running)."""
     active = ACTIVE.get()
     if active is None:
         ORPHAN_FALLBACKS["no enabled model is running"] += 1
@@ -164,6 +178,19 @@ def runtime_attention(
 def _(query, key, value, attn_mask, scale):
     b, s, h, _ = query.shape
     return query.new_empty((b, s, h, value.shape[-1]))
+
+
+def _no_gradient(ctx, inputs, output):
+    # The op cannot replay the runtime's decisions (stats, caches, the layer counter) for a backward, so
+    # gradients are served by running the runtime eagerly (fastattn_attention does that by itself).
+    raise RuntimeError(
+        "fastattn::runtime_attention is the inference path and records no gradient; for tensors that need "
+        "one, call fastattn.pipelines.backend.fastattn_attention (the fastattn_sparse backend), which runs "
+        "the runtime eagerly so autograd sees the attention it computed"
+    )
+
+
+runtime_attention.register_autograd(lambda ctx, grad: None, setup_context=_no_gradient)
 
 
 def register_backend():
