@@ -269,18 +269,21 @@ def test_replacing_families_restore_only_the_processors_they_replaced(name):
 def test_enable_on_a_compiled_model_patches_the_original():
     model, inputs, _ = tiny.build("wan")
     before = tiny.snapshot(model)
+    ref = tiny.run(model, inputs)
     h = fa.enable(model, method="band", window=6, block_size=BS)
     eager = tiny.run(model, inputs)
     h.disable()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
+    assert torch.equal(tiny.run(compiled, inputs), ref)  # compiled (and run) before enabling
     h = fa.enable(compiled, method="band", window=6, block_size=BS)
     assert model.__dict__["_fastattn_handle"] is h.models[0]
     torch.testing.assert_close(tiny.run(model, inputs), eager, rtol=0, atol=0)  # the uncompiled path
-    torch.testing.assert_close(tiny.run(compiled, inputs), eager, rtol=0, atol=0)
+    torch.testing.assert_close(tiny.run(compiled, inputs), eager, rtol=0, atol=0)  # recompiled, not stale
     assert h.stats()["sparse_calls"] == 4
     assert fa.disable(compiled) is True
     assert tiny.snapshot(model) == before and "_diffusers_hook" not in model.__dict__
+    assert torch.equal(tiny.run(compiled, inputs), ref)
     torch._dynamo.reset()
 
 
