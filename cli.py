@@ -7,6 +7,22 @@ import os
 import sys
 import time
 
+EXIT_USAGE = 2  # bad input, as argparse exits for a malformed command line
+
+
+class UsageError(Exception):
+    """Bad input to a ``fastattn`` command: :func:`main` prints it as one line and exits with status 2."""
+
+
+def fail(command: str, message) -> SystemExit:
+    """Print ``fastattn COMMAND: error: MESSAGE`` as one line on stderr; the ``SystemExit(2)`` to raise."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    prefix = f"fastattn {command}: "
+    text = text[len(prefix) :] if text.startswith(prefix) else text
+    text = text[len("error: ") :] if text.startswith("error: ") else text
+    print(f"{prefix}error: {text}", file=sys.stderr)
+    return SystemExit(EXIT_USAGE)
+
 
 def _use_interpreter_without_gpu() -> None:
     """Run the Triton kernels in Triton's interpreter when there is no GPU (set before triton loads)."""
@@ -42,9 +58,14 @@ def cpu_smoke(seed: int = 0) -> list[dict]:
     ]
     perm = head_permutations(layout, ["HWF", "WFH"]).to(device)
     rows = []
+    total = len(cases) * 3 * 2
+    # The interpreter takes seconds per case: say what runs, so a long silence is never mistaken for a hang.
+    print(f"fastattn bench --cpu-smoke: {total} kernel cases on {device}", file=sys.stderr, flush=True)
     for name, mask in cases:
         for quant in ("none", "int8", "int8-fp8"):
             for p in (None, perm):
+                print(f"  [{len(rows) + 1}/{total}] {name}, quant {quant}" + (", reordered" if p is not None else ""),
+                      file=sys.stderr, flush=True)  # fmt: skip
                 t0 = time.perf_counter()
                 out = sparse_attention(q, k, v, mask, quant=quant, perm=p, backend="triton")
                 ms = (time.perf_counter() - t0) * 1e3
@@ -65,8 +86,9 @@ def cpu_smoke(seed: int = 0) -> list[dict]:
     worst = {q: max(r["rel_l2"] for r in rows if r["quant"] == q) for q in ("none", "int8", "int8-fp8")}
     bars = {"none": 1e-2, "int8": 3e-2, "int8-fp8": 6e-2}
     failed = [q for q in worst if worst[q] > bars[q]]
-    if failed:
-        raise SystemExit(f"kernel error above bar for {failed}: {worst}")
+    if failed:  # a failed check, not bad input: exit status 1
+        print(f"fastattn bench: kernel error above bar for {failed}: {worst}", file=sys.stderr)
+        raise SystemExit(1)
     return rows
 
 
@@ -118,7 +140,10 @@ def cmd_preset(args: argparse.Namespace) -> None:
             print(f"plan file: {d}")
         return
     if args.action == "push":
-        loaded = files.load_plan(args.source)
+        try:
+            loaded = files.load_plan(args.source)
+        except (ValueError, OSError) as e:
+            raise UsageError(e) from None
         address = hub.push_plan(loaded.plan, args.repo_id, subdir=args.subdir, token=args.token, meta=loaded.meta,
                                 private=args.private or None, revision=args.revision)  # fmt: skip
         print(f"pushed {args.source} to {address}")
@@ -130,7 +155,7 @@ def cmd_preset(args: argparse.Namespace) -> None:
         loaded = files.load_plan(args.source, fingerprint=fingerprint)
     except (ValueError, OSError) as e:
         if args.action != "validate":
-            raise
+            raise UsageError(e) from None
         print(f"invalid: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.action == "validate":
@@ -179,7 +204,10 @@ def _add_preset_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="fastattn", description="Fast attention for diffusion transformers.")
+    ap.add_argument("--version", action="version", version=f"fastattn {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo", help="sample the shipped testbed DiT dense and fast; write a side-by-side GIF/PNG"
@@ -213,8 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. Bad input (a :class:`UsageError`, or a command's own ``SystemExit("message")``) is
+    printed as one line without a traceback and exits with status 2, as argparse does for its own errors."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UsageError as e:
+        raise fail(args.command, e) from None
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise fail(args.command, e.code) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -193,6 +193,72 @@ def load_pipeline(path: str, device, dtype):
     return pipe.to(device)
 
 
+def check_out_dir(path: str) -> None:
+    """Fail before loading anything when ``--out`` cannot become a writable folder. Checked without creating
+    it (bad input must leave nothing behind); the first partial ``report.json``, written before the first
+    pipeline call, is the real test (``os.access`` says yes to root everywhere, ``/proc`` included)."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise SystemExit(f"fastattn eval: --out {path} is a file; give a folder")
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SystemExit(f"fastattn eval: cannot write to --out {path}: {ancestor} is not a writable folder")
+
+
+class _PartialWriter:
+    """``on_update`` for :func:`evaluate_pipeline`: the report so far as ``OUT/report.json``. The first write
+    comes before any pipeline call, so a folder that cannot be written stops the run before it starts; later
+    failures (disk full, folder removed) only warn, the run goes on and its end tries again."""
+
+    def __init__(self, out: str):
+        self.out, self.writes, self.warned = out, 0, False
+
+    def __call__(self, report: dict) -> None:
+        from .report import write_partial
+
+        try:
+            write_partial(report, self.out)
+        except OSError as e:
+            if self.writes == 0:
+                raise SystemExit(
+                    f"fastattn eval: cannot write to --out {self.out}: {e.strerror or e}"
+                ) from None
+            if not self.warned:
+                print(
+                    f"fastattn eval: warning: could not update {self.out}/report.json: {e}", file=sys.stderr
+                )
+                self.warned = True
+            return
+        self.writes += 1
+
+
+def _save_somewhere(report: dict, out: str, error: OSError) -> str:
+    """The final report could not be written to ``out``: put its JSON in the temp folder instead."""
+    import json
+    import tempfile
+
+    from .report import to_json_safe
+
+    fd, path = tempfile.mkstemp(prefix="fastattn-eval-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(to_json_safe(report), indent=1, allow_nan=False) + "\n")
+    return (
+        f"fastattn eval: could not write the report to {out} ({error.strerror or error}); saved it as {path}"
+    )
+
+
+def _failed_configs(report: dict) -> str | None:
+    """One line naming the configurations that failed, or None."""
+    failed = [c for c in report["configs"] if "error" in c]
+    if not failed:
+        return None
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"fastattn eval: configuration {first['label']!r} failed: {first['error']}{more}"
+
+
 # ------------------------------------------------------------------------------------------ command
 
 
@@ -212,6 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise SystemExit(f"fastattn eval: {e}") from None
     device, dtype = resolve_device_dtype(args.device, args.dtype)
+    check_out_dir(args.out)
     pipe = load_pipeline(args.pipeline, device, dtype)
     defaults = {
         "quant": args.quant,
@@ -236,15 +303,22 @@ def cmd_eval(args: argparse.Namespace) -> dict:
             warmup=not args.no_warmup,
             progress=not args.no_progress,
             source=args.pipeline,
+            on_update=_PartialWriter(args.out),
         )
     except EvalInputError as e:
         raise SystemExit(f"fastattn eval: {e}") from None
-    files = write_report(report, args.out)
+    try:
+        files = write_report(report, args.out)
+    except OSError as e:
+        raise SystemExit(_save_somewhere(report, args.out, e)) from None
     print_summary(report)
     print(f"wrote {files['json']}, {files['html']}" + (f", {files['png']}" if files["png"] else ""))
     for note in (files["plot_skipped"], report["settings"].get("timing_note")):
         if note:
             print(note)
+    failed = _failed_configs(report)
+    if failed:  # the others' results are written; the exit status still says something was rejected
+        raise SystemExit(f"{failed}; the other results are in {files['json']}")
     return report
 
 

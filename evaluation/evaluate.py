@@ -496,6 +496,7 @@ def evaluate_pipeline(
     progress: bool = True,
     stop_on_error: bool = False,
     source: str | None = None,
+    on_update: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run ``pipe`` dense and under each configuration on every (prompt, seed); return the report dict.
 
@@ -519,6 +520,9 @@ def evaluate_pipeline(
         stop_on_error: re-raise when a configuration fails; by default its error and traceback are
             recorded in its entry (``"error"``) and the other configurations still run.
         source: where the pipeline came from (recorded in the report).
+        on_update: called with the report so far once everything is validated (before the first pipeline
+            call), after the dense runs and after each configuration; ``fastattn eval`` writes it as a
+            partial ``report.json`` there, so a run stopped midway keeps what it measured.
 
     Raises:
         EvalInputError: bad prompts, seeds, configurations (fastattn's message with the valid choices) or
@@ -583,6 +587,10 @@ def evaluate_pipeline(
             "on the CPU fastattn runs its exact PyTorch reference, not the GPU kernel: times and speedups "
             "here say nothing about performance"
         )
+    results: list[dict] = []
+    report["configs"] = results  # filled as configurations finish (partial reports show them)
+    if on_update is not None:
+        on_update(report)
     bar = tqdm(total=total, desc="dense", unit="run", disable=not progress)
     with torch.no_grad(), _QuietPipeline(pipe), _DecodeCapture(pipe) as capture:
         # ---------------------------------------------------------------- dense baseline
@@ -606,8 +614,9 @@ def evaluate_pipeline(
             "repeat": _compare_run(warm, dense[0]) if warm is not None else None,
         }
         del warm
+        if on_update is not None:
+            on_update(report)
         # ---------------------------------------------------------------- each configuration
-        results = []
         for config in configs:
             bar.set_description(config.label)
             done_before = bar.n
@@ -643,8 +652,9 @@ def evaluate_pipeline(
                 bar.update(max(0, done_before + per_config - bar.n))
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
+            if on_update is not None:
+                on_update(report)
     bar.close()
-    report["configs"] = results
     return report
 
 

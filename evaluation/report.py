@@ -195,6 +195,18 @@ attention on the same q, k, v.</p>
 """
 
 
+def write_partial(report: dict, out_dir) -> str:
+    """Write the report so far as ``out_dir/report.json`` with ``"partial": true`` (the folder is created);
+    :func:`write_report` replaces it when the run completes. Returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    tmp = out / "report.json.tmp"  # written whole, then renamed: a kill mid-write never leaves half a file
+    tmp.write_text(json.dumps(to_json_safe({**report, "partial": True}), indent=1, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return str(path)
+
+
 def write_report(report: dict, out_dir) -> dict:
     """Write ``report.json``, ``report.png`` and ``report.html`` under ``out_dir``; returns
     ``{"json": path, "png": path or None, "html": path, "plot_skipped": reason or None}`` (also stored in

@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..attn_kernels.kv_pack import check_bits
-from .layer import QuantizedKVLayer
+from .layer import QuantizedKVLayer, check_head_dim
 
 try:  # transformers 5.16+
     from transformers.cache_utils import get_layer_types_and_kwargs as _hf_layer_types
@@ -236,6 +236,11 @@ class QuantizedKVCache(Cache):
             )
             for i in range(n)
         ]
+        if config is not None:
+            # Group sizes that do not fit the model's head_dim fail here, not at the first generate step.
+            _, _, head_dim = kv_geometry(config)
+            for layer in layers:
+                check_head_dim(head_dim, layer.min_bits, layer.key_group, layer.value_group)
         if layer_budgets is not None and budget_context is not None and config is not None:
             _, heads, head_dim = kv_geometry(config)
             for i, layer in enumerate(layers):

@@ -35,11 +35,31 @@ _PROGRESSIVE_START = 16
 
 
 def _axis_group(mode: str, size: int, what: str) -> tuple[int, int]:
+    """``(rows, columns)`` of one quantization group of ``what`` ("key" or "value")."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{what}_group must be a positive int (tokens or channels per group), got {size!r}")
     if mode == "channel":  # groups run along tokens, one channel at a time
         return (size, 1)
     if mode == "token":  # groups run along channels, one token at a time
         return (1, size)
-    raise ValueError(f"{what} must be 'channel' or 'token', got {mode!r}")
+    raise ValueError(f"{what}_mode must be 'channel' or 'token', got {mode!r}")
+
+
+def check_head_dim(
+    head_dim: int, bits: int, key_group: tuple[int, int], value_group: tuple[int, int]
+) -> None:
+    """``ValueError`` unless groups of ``key_group`` / ``value_group`` (rows, columns) and ``bits``-bit packing fit
+    ``head_dim`` channels; the message says which setting would."""
+    for name, (_, gc) in (("key", key_group), ("value", value_group)):
+        if head_dim % gc:
+            fits = max(g for g in range(1, min(gc, head_dim) + 1) if head_dim % g == 0)
+            raise ValueError(
+                f"{name} group size {gc} must divide head_dim {head_dim} ({name}_mode='token' groups run along "
+                f"channels): pass {name}_group={fits} or another divisor of {head_dim}"
+            )
+    per = 8 // bits
+    if head_dim % per:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of {per} for {bits}-bit packing")
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -96,8 +116,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         if sliding_window is not None and sliding_window < 2:
             raise ValueError(f"sliding_window must be >= 2, got {sliding_window}")
         self.min_bits = bits
-        self.key_group = _axis_group(key_mode, key_group, "key_mode")
-        self.value_group = _axis_group(value_mode, value_group, "value_mode")
+        self.key_group = _axis_group(key_mode, key_group, "key")
+        self.value_group = _axis_group(value_mode, value_group, "value")
         # Tokens move from the window to the body in chunks that keep every token-axis group whole.
         self.flush_unit = max(self.key_group[0], self.value_group[0])
         if self.flush_unit % min(self.key_group[0], self.value_group[0]):
@@ -134,19 +154,16 @@ class QuantizedKVLayer(CacheLayerMixin):
                 "expected key/value states of shape [batch, kv_heads, tokens, head_dim], got "
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
+        if key_states.dtype != value_states.dtype or key_states.device != value_states.device:
+            raise ValueError(
+                f"keys and values must share dtype and device, got {key_states.dtype} on {key_states.device} "
+                f"and {value_states.dtype} on {value_states.device}"
+            )
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        per = 8 // self.min_bits
-        for name, (_, gc), dim in (
-            ("key", self.key_group, d),
-            ("value", self.value_group, value_states.shape[-1]),
-        ):
-            if dim % gc:
-                raise ValueError(f"{name} group size {gc} must divide head_dim {dim}")
-            if dim % per:
-                raise ValueError(
-                    f"head_dim {dim} must be a multiple of {per} for {self.min_bits}-bit packing"
-                )
+        if value_states.shape[-1] != d:
+            raise ValueError(f"keys have head_dim {d} but values {value_states.shape[-1]}")
+        check_head_dim(d, self.min_bits, self.key_group, self.value_group)
         empty = key_states[:, :, :0]
         self.sink_k, self.sink_v = empty.clone(), value_states[:, :, :0].clone()
         self.win_k, self.win_v = empty.clone(), value_states[:, :, :0].clone()
@@ -272,6 +289,18 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError(
                 f"batch/heads changed: cache holds {tuple(self.sink_k.shape[:2])}, got {tuple(key_states.shape[:2])}"
             )
+        for t in (key_states, value_states):
+            # The stored tokens are in the first dtype; mixing would return them in the old one (or promote).
+            if t.dtype != self.dtype:
+                raise ValueError(
+                    f"dtype changed: the cache holds {self.dtype} keys/values, got {t.dtype}; build a new cache "
+                    "after changing the model's dtype"
+                )
+            if t.device != self.device:
+                raise ValueError(
+                    f"device changed: the cache holds keys/values on {self.device}, got {t.device}; build a new "
+                    "cache after moving the model"
+                )
         past = self.cumulative_length
         keep = min(past, self.sliding_window - 1) + key_states.shape[-2] if self.is_sliding else None
         k_out, v_out = self._packed_view(key_states, value_states, keep)

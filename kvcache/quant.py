@@ -3,7 +3,8 @@
 A block ``x [..., R, D]`` is split into groups of ``GR`` rows x ``GC`` columns. KIVI's layouts are the two
 useful cases: keys per channel (``GR = G`` tokens, ``GC = 1``), whose outlier channels then get their own
 range, and values per token (``GR = 1``, ``GC = G`` channels). Each group stores ``scale`` and ``zero`` (its
-minimum) in fp16; codes are ``round((x - zero) / scale)`` in ``[0, 2**bits - 1]``.
+minimum) in fp16; codes are ``round((x - zero) / scale)`` in ``[0, 2**bits - 1]``. A group's range is taken over
+its finite values; ``inf``/``nan`` saturate at an end of it (they never widen the grid of the others).
 """
 
 from __future__ import annotations
@@ -45,8 +46,15 @@ def quantize(x: torch.Tensor, bits: int, group: tuple[int, int], backend: str = 
     """Quantize ``x [..., R, D]`` per group and pack the codes."""
     check_bits(bits)
     xg = _grouped(x.float(), group)
-    lo = xg.amin(dim=(-3, -1)).clamp(-_FP16_MAX, _FP16_MAX)
-    hi = xg.amax(dim=(-3, -1)).clamp(-_FP16_MAX, _FP16_MAX)
+    # The range comes from the finite values only: one inf or nan (an overflowed activation) would otherwise
+    # stretch its group's grid to +-65504 and every other value of the group would round to the same code.
+    # Non-finite values saturate instead: +inf at the top of the range, -inf and nan at the bottom.
+    finite = torch.isfinite(xg)
+    lo = torch.where(finite, xg, torch.inf).amin(dim=(-3, -1))
+    hi = torch.where(finite, xg, -torch.inf).amax(dim=(-3, -1))
+    none_finite = lo > hi
+    lo = torch.where(none_finite, 0.0, lo).clamp(-_FP16_MAX, _FP16_MAX)
+    hi = torch.where(none_finite, 0.0, hi).clamp(-_FP16_MAX, _FP16_MAX)
     qmax = (1 << bits) - 1
     # Round the fp16 metadata *outward* (zero down, scale up) and quantize against the stored values, so the
     # only error is the code rounding (<= scale / 2); rounding the zero to nearest would add up to 1e-3 * |min|,
@@ -61,7 +69,8 @@ def quantize(x: torch.Tensor, bits: int, group: tuple[int, int], backend: str = 
     )
     s = scale.float()[..., :, None, :, None]
     z = zero.float()[..., :, None, :, None]
-    codes = torch.round((xg - z) / s).clamp_(0, qmax).to(torch.uint8).reshape(x.shape)
+    steps = ((xg - z) / s).nan_to_num_(nan=0.0, posinf=qmax, neginf=0.0)
+    codes = torch.round(steps).clamp_(0, qmax).to(torch.uint8).reshape(x.shape)
     return QuantBlock(pack(codes, bits, backend), scale, zero, bits, group)
 
 

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
 
 import torch
 
 from .cache import QuantizedKVCache, kv_geometry
+from .prefix import weights_key
 
 _PROBES = ("a cat", "Zebra 123 on a bright beach", ".", "\u00e9t\u00e9")
-_ACTIVE_PATCHES: dict[int, PromptPrefixCache] = {}  # id(encoder) -> its enabled prefix cache
+# id(encoder) -> its enabled prefix cache. Weak: the patched forward holds the handle, so an entry lives exactly
+# as long as the encoder does; a strong dict would keep every encoder (a 16 GB Llama) alive until disable().
+_ACTIVE_PATCHES: weakref.WeakValueDictionary[int, PromptPrefixCache] = weakref.WeakValueDictionary()
 
 _UNSUPPORTED_KWARGS = (
     "inputs_embeds",
@@ -155,11 +159,7 @@ class PromptPrefixCache:
         return {"key": self._key(device), "cache": cache, "out": out}
 
     def _key(self, device: torch.device) -> tuple:
-        """What the cached prefix depends on: device, dtype and the weights (in-place updates bump a parameter's
-        version; replaced or added parameters, e.g. a LoRA, change the identities)."""
-        params = list(self.encoder.parameters())
-        dtype = params[0].dtype if params else None
-        return (device, dtype, len(params), sum(p._version for p in params), sum(id(p) for p in params))
+        return weights_key(self.encoder, device)
 
     def _forward(self, *args, **kwargs):
         if args:

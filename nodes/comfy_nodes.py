@@ -208,6 +208,13 @@ class PromptEnhancer(io.ComfyNode):
                     default=_default_instruction(),
                     tooltip="How the LM is told to rewrite the prompt.",
                 ),
+                io.Boolean.Input(
+                    "keep_loaded",
+                    optional=True,
+                    default=True,
+                    tooltip="Keep the LM in memory for the next run (one LM at a time; ComfyUI's Unload Models "
+                    "frees it). Off: free it after each rewrite.",
+                ),
             ],
             outputs=[io.String.Output(display_name="prompt", tooltip="The rewritten prompt.")],
         )
@@ -217,8 +224,12 @@ class PromptEnhancer(io.ComfyNode):
         return check_kv_bits(kv_bits) or True
 
     @classmethod
-    def execute(cls, prompt, model_path, max_new_tokens=120, kv_bits="4", instruction=None) -> io.NodeOutput:
-        return io.NodeOutput(enhance_prompt(prompt, model_path, max_new_tokens, kv_bits, instruction))
+    def execute(
+        cls, prompt, model_path, max_new_tokens=120, kv_bits="4", instruction=None, keep_loaded=True
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            enhance_prompt(prompt, model_path, max_new_tokens, kv_bits, instruction, keep_loaded)
+        )
 
 
 def _default_instruction() -> str:

@@ -7,7 +7,9 @@ rewrites keep a small KV footprint.
 
 from __future__ import annotations
 
+import gc
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -16,17 +18,28 @@ DEFAULT_INSTRUCTION = (
     "Describe the subject, setting, lighting and style. Reply with the rewritten prompt only."
 )
 
-_LOADED: dict[str, tuple] = {}
+# (path, dtype) -> (model, tokenizer), least recently used first. Bounded: a node that is pointed at one model
+# after another must not keep them all (each a full float32 copy).
+_LOADED: OrderedDict[tuple[str, torch.dtype], tuple] = OrderedDict()
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+def _local_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, max_loaded: int = 1):
     """``(model, tokenizer)`` from a local directory (transformers layout, or one holding a ``.gguf``) or a
-    ``.gguf`` file; loaded once per path and kept."""
+    ``.gguf`` file. Loaded models are kept for the next call, at most ``max_loaded`` of them (the least recently
+    used goes first); :func:`unload_causal_lm` frees them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = os.path.abspath(os.path.expanduser(path))
-    if path in _LOADED:
-        return _LOADED[path]
+    if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
+        raise ValueError(f"max_loaded must be a positive int (models kept loaded), got {max_loaded!r}")
+    path = _local_path(path)
+    key = (path, dtype)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
     if not os.path.exists(path):
         raise FileNotFoundError(f"no local model at {path!r}: expected a model directory or a .gguf file")
     kwargs = {}
@@ -38,10 +51,33 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
         if not ggufs:
             raise FileNotFoundError(f"{path!r} has neither config.json nor a .gguf file")
         kwargs["gguf_file"] = ggufs[0]
+    # Make room first: the old models go before the new one is read, so peak memory is one model, not two.
+    if len(_LOADED) >= max_loaded:
+        while len(_LOADED) >= max_loaded:
+            _LOADED.popitem(last=False)
+        gc.collect()
     tok = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
-    _LOADED[path] = (model, tok)
+    _LOADED[key] = (model, tok)
     return model, tok
+
+
+def loaded_causal_lms() -> list[str]:
+    """Paths of the models :func:`load_causal_lm` keeps, least recently used first."""
+    return [path for path, _ in _LOADED]
+
+
+def unload_causal_lm(path: str | None = None) -> int:
+    """Drop the kept model(s) loaded from ``path`` (every dtype), or all of them; returns how many. Their memory
+    is freed once nothing else refers to them."""
+    keys = [k for k in _LOADED if path is None or k[0] == _local_path(path)]
+    for k in keys:
+        del _LOADED[k]
+    if keys:
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    return len(keys)
 
 
 def _chat_ids(tok, instruction: str, prompt: str) -> torch.Tensor:
@@ -71,7 +107,7 @@ def enhance(
     ``(text, stats)`` with the cache's memory report when ``return_stats``.
     """
     from ..kvcache import QuantizedKVCache
-    from ..kvcache.cache import with_cache
+    from ..kvcache.cache import kv_geometry, with_cache
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
@@ -80,8 +116,11 @@ def enhance(
     elif tokenizer is None:
         raise TypeError("pass tokenizer= together with a loaded model (or pass a model path)")
     ids = _chat_ids(tokenizer, instruction, prompt.strip()).to(model.device)
+    # Values are grouped along channels: 64 per group, or the largest group that fits a smaller head_dim.
+    head_dim = kv_geometry(model.config)[2] if getattr(model, "config", None) is not None else 64
+    value_group = max(g for g in range(1, min(64, head_dim) + 1) if head_dim % g == 0)
     cache = QuantizedKVCache.from_model(
-        model, bits=bits, residual_length=residual_length, num_sinks=num_sinks
+        model, bits=bits, value_group=value_group, residual_length=residual_length, num_sinks=num_sinks
     )
     out = model.generate(
         input_ids=ids,
@@ -101,4 +140,4 @@ def enhance(
     return text
 
 
-__all__ = ["DEFAULT_INSTRUCTION", "enhance", "load_causal_lm"]
+__all__ = ["DEFAULT_INSTRUCTION", "enhance", "load_causal_lm", "loaded_causal_lms", "unload_causal_lm"]

@@ -224,7 +224,7 @@ def test_impossible_budgets_raise():
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16
     )
     with pytest.raises(ValueError, match="impossible KV budget"):
-        QuantizedKVCache(cfg, bits=2, budget_bytes=1000, budget_context=4096)
+        QuantizedKVCache(cfg, bits=2, value_group=16, budget_bytes=1000, budget_context=4096)
     layer = QuantizedKVLayer(bits=2, key_group=8, value_group=8, residual_length=8, budget_bytes=2000)
     with pytest.raises(ValueError, match="impossible KV budget"):
         layer.update(*_kv(256))
