@@ -28,6 +28,8 @@ class ForwardContext:
         sigma: the noise level of the step when the host knows it (diffusers' cache context, ComfyUI's
             ``transformer_options["sigmas"]``).
         timestep: the timestep value the transformer received (first batch element), if any.
+        cfg_chunks: with batched CFG, the branch of each equal batch chunk (0 positive, 1 negative; ComfyUI's
+            ``cond_or_uncond``); ``None`` when the forward holds one conditioning (or the host cannot tell).
     """
 
     layout: TokenLayout | None
@@ -36,6 +38,7 @@ class ForwardContext:
     cfg_branch: int = 0
     sigma: float | None = None
     timestep: float | None = None
+    cfg_chunks: tuple[int, ...] | None = None
 
     @property
     def progress(self) -> float | None:
@@ -55,6 +58,7 @@ class ForwardState:
 
     ctx: ForwardContext
     layer_counter: int = 0
+    blocks: object = None  # the forward's block-cache decisions (fastattn.caching.BlockForward) or None
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..attn_kernels import ops as kernel_ops
 from ..attn_kernels.quantize import MODES as QUANT_MODES
+from ..caching import RuntimeCache
 from ..masks.block_mask import BlockMask
 from ..masks.layout import AXIS_ORDERS, TokenLayout
 from ..masks.permutations import head_permutations
@@ -134,6 +135,13 @@ class AttentionRuntime:
         # Head-wise reuse (plan.heads.reuse): (layer, CFG pass) -> the layer's last output [B, H, S, D].
         self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._observers: list[Callable[[ObservedCall], None]] = []
+        # Reuse across steps and CFG branches (plan.cache) within one memory budget, which also bounds the
+        # residuals and head outputs above.
+        self.cache = RuntimeCache(
+            plan.cache, num_layers, plan.cache_budget_gb, plan.cache_storage, plan.cache_offload
+        )
+        self.cache.store.external_bytes = self._held_bytes
+        self._last_step: int | None = None  # step of the last forward (a new run starts at step 0 after another)
         self._step_problems: dict = {}  # num_steps -> plan.step_problem(num_steps), checked once
         self._warned: set[str] = set()
 
@@ -142,8 +150,12 @@ class AttentionRuntime:
         """Start one transformer forward; pass the returned state with every attention call of it."""
         if not isinstance(ctx, ForwardContext):
             raise TypeError(f"begin_forward takes a ForwardContext, got {type(ctx).__name__}")
-        if ctx.step == 0 and ctx.cfg_branch == 0:
-            self.reset_run()  # a new run: caches of the last one describe other latents
+        if ctx.step == 0 and self._last_step != 0:
+            # A new run (the first pass of step 0, whichever CFG branch runs first): caches of the last run
+            # describe other latents.
+            self.reset_run()
+            self.cache.begin_run()
+        self._last_step = ctx.step
         problem = self._step_problems.get(ctx.num_steps, ())
         if problem == ():
             problem = self._step_problems[ctx.num_steps] = self.plan.step_problem(ctx.num_steps)
@@ -152,10 +164,20 @@ class AttentionRuntime:
             if problem not in self._warned:
                 self._warned.add(problem)
                 warnings.warn(f"fastattn: {problem}", stacklevel=2)
-        return ForwardState(ctx)
+        state = ForwardState(ctx)
+        state.blocks = self.cache.blocks.begin_forward(ctx.step, ctx.num_steps, ctx.cfg_branch,
+                                                       lambda n: self._skip_layers(state, n))  # fmt: skip
+        return state
+
+    @staticmethod
+    def _skip_layers(state: ForwardState, n: int) -> None:
+        """A skipped block's self-attention calls keep their layer numbers (later layers stay aligned)."""
+        state.layer_counter += n
 
     def end_forward(self, state: ForwardState) -> None:
         ctx = state.ctx
+        if state.blocks is not None:
+            state.blocks.end()
         if ctx.num_steps and ctx.step >= ctx.num_steps - 1:
             self._end_of_run(ctx.cfg_branch)
         self.stats.forwards += 1
@@ -178,6 +200,7 @@ class AttentionRuntime:
         self.residuals.clear()
         self.selections.clear()
         self.head_outputs.clear()
+        self.cache.reset_run()
 
     def clear(self) -> None:
         """Drop every cache (on disable)."""
@@ -188,8 +211,17 @@ class AttentionRuntime:
     def residual_bytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.residuals.values())
 
-    def cache_bytes(self) -> int:
+    def _held_bytes(self) -> int:
+        """Bytes of residuals and reused heads (kept here, counted in the cache store's budget)."""
         return self.residual_bytes() + sum(t.numel() * t.element_size() for t in self.head_outputs.values())
+
+    def cache_bytes(self) -> int:
+        """Every cached tensor: residuals, reused heads, and the cache store (block residuals, shared outputs)."""
+        return self.cache.store.total_bytes()
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+        self.cache.reset_stats()
 
     def add_observer(self, fn: Callable[[ObservedCall], None]) -> Callable[[], None]:
         """Call ``fn(ObservedCall)`` after every call the method serves through the kernel; returns the
@@ -241,6 +273,36 @@ class AttentionRuntime:
             known = ctx.layout.seq_len if ctx.layout is not None else None
             reason = f"sequence length {s} does not match the model's token layout ({known})"
             return self._dense(query, key, value, attn_mask, scale, reason, False, work)
+        if self.cache.attention is not None:
+            return self._shared(ctx, query, key, value, attn_mask, scale, layer, layout, work)
+        return self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work)
+
+    def _shared(self, ctx, query, key, value, attn_mask, scale, layer, layout, work):
+        """Attention output sharing (``plan.cache``): a cached output of an earlier step (AST) or of the other
+        CFG branch (ASC), or the planned call, kept when a later call may reuse it."""
+        shared = self.cache.attention
+        hit = shared.reuse(layer, ctx, query.shape[:3] + value.shape[-1:])
+        if hit is not None:
+            self.stats.add_reused(work, hit[1])
+            return hit[0]
+        split = shared.cfg_rows(layer, ctx, query.shape[0])
+        if split is not None:  # batched CFG: attend for the positive chunk only, copy it to the negative one
+            rows, source = (t.to(query.device) for t in split)
+            sub = [x.index_select(0, rows) for x in (query, key, value)]
+            mask = attn_mask
+            if mask is not None and mask.dim() and mask.shape[0] == query.shape[0] > 1:
+                mask = mask.index_select(0, rows)
+            share = len(rows) / query.shape[0]
+            part = self._planned(ctx, *sub, mask, scale, layer, layout, work * share)
+            self.stats.add_reused(work * (1.0 - share), "cfg", call=False)
+            return part.index_select(0, source)
+        out = self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work)
+        if shared.wants(layer, ctx):
+            shared.keep(layer, ctx, out)
+        return out
+
+    def _planned(self, ctx, query, key, value, attn_mask, scale, layer, layout, work):
+        """What the plan runs for one call: dense by plan, residual sharing, or the method."""
         plan = self.plan
         planned = plan.dense_reason(layer, self.num_layers, ctx.step, ctx.num_steps)
         capture_now = (
@@ -269,8 +331,13 @@ class AttentionRuntime:
             dense = self._dense(
                 query, key, value, attn_mask, call.scale, "residual capture (WA-RS)", True, call.work
             )
-            self.residuals[slot] = dense - sparse
+            residual = dense - sparse
+            self.residuals.pop(slot, None)  # the one it replaces does not count against the budget
+            # Over cache_budget_gb the residual is not kept: later calls capture (run exact) again.
+            if self.cache.store.admit(residual.numel() * residual.element_size(), kind="residual"):
+                self.residuals[slot] = residual
             self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
+            self.cache.store.note_peak()
             return dense
         return self._method(query, key, value, attn_mask, call) + r
 
@@ -401,7 +468,10 @@ class AttentionRuntime:
             out.index_copy_(1, heads.to(out.device), cached.index_select(1, heads.to(cached.device)))
             self.stats.head_reuses += int(heads.numel())
         if self.plan.heads.reuses_anywhere(call.layer):
-            self.head_outputs[slot] = out.detach()
+            self.head_outputs.pop(slot, None)
+            if self.cache.store.admit(out.numel() * out.element_size(), kind="heads"):
+                self.head_outputs[slot] = out.detach()  # else over cache_budget_gb: the next step computes
+                self.cache.store.note_peak()
         density = _computed_density(work.mask, computed, q.shape[1])
         return out, fallback, density
 

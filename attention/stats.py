@@ -24,6 +24,8 @@ class AttentionStats:
     selections: int = 0  # dynamic block selections computed
     selection_reuses: int = 0  # dynamic calls that reused an earlier step's selection (reuse_steps)
     head_reuses: int = 0  # heads that returned their cached output (head table reuse)
+    reused_calls: int = 0  # calls that returned a cached output (plan.cache: AST / ASC)
+    reuses: Counter = field(default_factory=Counter)  # cached outputs returned, by kind ("step", "cfg")
     notes: Counter = field(default_factory=Counter)  # what the runtime noticed (layer count mismatches...)
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
@@ -31,6 +33,15 @@ class AttentionStats:
         (self.planned_dense if planned else self.fallbacks)[reason] += 1
         self.work_total += work
         self.work_done += work
+
+    def add_reused(self, work: float, kind: str, call: bool = True) -> None:
+        """``work`` served from a cached output (none of it computed); ``call=False``: part of a call already
+        counted (the copied half of a batched CFG call)."""
+        if call:
+            self.calls += 1
+            self.reused_calls += 1
+        self.reuses[kind] += 1
+        self.work_total += work
 
     def add_sparse(self, work: float, block_density) -> None:
         """``block_density`` is a float, or a 0-d device tensor (summed on the device, read in as_dict:
@@ -63,7 +74,9 @@ class AttentionStats:
         return {
             "calls": self.calls,
             "sparse_calls": self.sparse_calls,
-            "dense_calls": self.calls - self.sparse_calls,
+            "dense_calls": self.calls - self.sparse_calls - self.reused_calls,
+            "reused_calls": self.reused_calls,
+            "reuses": dict(self.reuses),
             "density": density,
             "attention_work_saved": 1.0 - density,
             "est_attention_speedup": (1.0 / density) if density > 0 else float("inf"),

@@ -34,11 +34,16 @@ class StepClock:
     The pipeline's cache context wins where it says something (Wan passes ``step_index``, ``sigma`` and
     ``num_inference_steps``; most pipelines pass only ``"cond"`` / ``"uncond"``); otherwise the
     timesteps the transformers receive decide (:class:`StepTracker`).
+
+    ``cfg_batched()`` says whether the pipeline runs CFG in one batch (``do_classifier_free_guidance``);
+    then a forward under ``"cond_uncond"`` (or under no cache context: SD3) holds the negative half first, as
+    diffusers' pipelines concatenate them, and the context says so (``cfg_chunks``).
     """
 
-    def __init__(self, num_steps=None):
+    def __init__(self, num_steps=None, cfg_batched=None):
         self.tracker = StepTracker()
         self.num_steps = num_steps or (lambda: None)
+        self.cfg_batched = cfg_batched or (lambda: False)
 
     def reset(self) -> None:
         self.tracker.reset()
@@ -55,7 +60,10 @@ class StepClock:
             if cache_context.sigma is not None:
                 sigma = float(cache_context.sigma)
             branch = _BRANCHES.get(cache_context.name, branch)
-        return ForwardContext(layout, step, num_steps, branch, sigma, timestep)
+        chunks = None
+        if (cache_context is None or cache_context.name == "cond_uncond") and self.cfg_batched():
+            chunks = (1, 0)
+        return ForwardContext(layout, step, num_steps, branch, sigma, timestep, chunks)
 
 
 class _NoState:

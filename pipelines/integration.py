@@ -22,6 +22,7 @@ import torch
 from ..attention.runtime import AttentionRuntime
 from ..plans.schema import AttentionPlan
 from .backend import dense_backend_fn, register_backend
+from .block_cache import block_lists, install_block_cache
 from .families import FamilyAdapter, adapter_for, supported_classes
 from .hooks import ContextHook, StepClock, install_context_hook, pipeline_num_steps, wrap_pipeline_reset
 
@@ -40,6 +41,8 @@ class ModelHandle:
         processors = model.attn_processors  # {path: processor}
         self.self_attention_paths = [p for p in processors if adapter.self_attention(p)]
         plan.check_model(len(self.self_attention_paths), model_num_heads(model))  # before patching anything
+        if plan.cache.blocks != "off":
+            block_lists(model, adapter.family)  # a model without known block lists is refused here
         member = register_backend()
         self._saved_processors = None
         self._saved_backends: list[tuple[object, object]] = []
@@ -103,6 +106,9 @@ class ModelHandle:
         self.clock = clock
         hook = ContextHook(adapter, self.runtime, clock, watch=self._check_routes)
         self._remove_hook = install_context_hook(model, hook)
+        self._remove_blocks = None
+        if plan.cache.blocks != "off":  # block lists were checked before anything was patched
+            self._remove_blocks = install_block_cache(model, adapter.family, self.runtime, self.self_attention_paths)
         setattr(model, _ATTR, self)
         self.enabled = True
 
@@ -135,6 +141,8 @@ class ModelHandle:
             return
         model = self.model_ref()
         self._remove_hook()
+        if self._remove_blocks is not None:
+            self._remove_blocks()
         for proc, backend in self._saved_backends:
             if proc._attention_backend is self._member:
                 proc._attention_backend = backend
@@ -168,6 +176,8 @@ class ModelHandle:
             "device": _device_type(model),
         }
         out.update(self.runtime.stats.as_dict())
+        if self.plan.cache.enabled or self.plan.cache_budget_gb is not None:
+            out["cache"] = self.runtime.cache.as_dict()
         out["layers_per_forward"] = len(self.self_attention_paths)
         if self.uncovered:
             out["uncovered_processors"] = dict(self.uncovered)
@@ -222,7 +232,7 @@ class Handle:
 
     def reset_stats(self) -> None:
         for m in self.models:
-            m.runtime.stats.reset()
+            m.runtime.reset_stats()
 
     def disable(self) -> None:
         """Restore the original processors, backends and forwards exactly."""
@@ -304,7 +314,8 @@ def model_num_heads(model) -> int | None:
 def enable_models(models, pipe, plans, num_steps=None) -> Handle:
     """Enable each model with its plan on one step clock; nothing stays patched if one fails."""
     steps = (lambda: num_steps) if num_steps else (pipeline_num_steps(pipe) if pipe is not None else None)
-    clock = StepClock(steps)  # one per pipeline: Wan 2.2's two transformers count steps together
+    cfg_batched = (lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))) if pipe is not None else None
+    clock = StepClock(steps, cfg_batched)  # one per pipeline: Wan 2.2's two transformers count steps together
     handles = []
     try:
         for m, p in zip(models, plans):

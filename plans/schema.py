@@ -20,10 +20,14 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..attn_kernels.quantize import MODES as QUANT_MODES
+from ..caching.config import CacheConfig
+from ..caching.store import STORAGES as CACHE_STORAGES
 from .heads import HeadTable
 from .methods import METHODS, DenseConfig, MethodConfig, describe, method_from_name
 
 _NOT_SETTINGS = ("method", "heads")  # structured fields: not plain keyword settings
+# Caching settings at their defaults are left out of to_dict: plans without caching read and write as before.
+_CACHE_DEFAULTS = dict(cache=CacheConfig(), cache_budget_gb=None, cache_storage="auto", cache_offload=False)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,15 @@ class AttentionPlan:
             tensor per layer and CFG pass.
         residual_refresh: with ``residual``, every ``residual_refresh``-th sparse step recomputes the
             dense output and refreshes ``R`` (0: capture once, never refresh).
+        cache: what is reused across steps and CFG branches (:class:`~fastattn.caching.CacheConfig`): block
+            skipping (``blocks="auto"`` trigger, ``"delta"`` schedule), attention output sharing across steps
+            (``attn_share_interval``) and CFG branches (``cfg_share``). Takes a preset name (``"safe"``,
+            ``"balanced"``, ``"fast"``, ``"delta"``, ``"off"``) or a dict of its fields.
+        cache_budget_gb: most GiB of cached tensors per transformer (block residuals, shared attention
+            outputs, WA-RS residuals, reused heads); over it the policies recompute instead of caching.
+            ``None``: unbounded.
+        cache_storage: how cached tensors are stored: ``"auto"`` (as computed), ``"bf16"`` or ``"int8"``.
+        cache_offload: keep cached tensors in CPU memory.
         heads: optional per-(step group, layer, head) table; ``None``: every head runs ``method``.
     """
 
@@ -62,6 +75,10 @@ class AttentionPlan:
     block_size: int = 128
     residual: bool = False
     residual_refresh: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    cache_budget_gb: float | None = None
+    cache_storage: str = "auto"
+    cache_offload: bool = False
     heads: HeadTable | None = None
 
     def __post_init__(self):
@@ -99,6 +116,14 @@ class AttentionPlan:
             raise ValueError(f"residual_refresh must be a non-negative int, got {rr!r}")
         if self.residual_refresh and not self.residual:
             raise ValueError("residual_refresh needs residual=True")
+        object.__setattr__(self, "cache", CacheConfig.from_value(self.cache))
+        gb = self.cache_budget_gb
+        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb < 0):
+            raise ValueError(f"cache_budget_gb must be a number of GiB >= 0 or None (unbounded), got {gb!r}")
+        if self.cache_storage not in CACHE_STORAGES:
+            raise ValueError(f"cache_storage must be one of {list(CACHE_STORAGES)}, got {self.cache_storage!r}")  # fmt: skip
+        if not isinstance(self.cache_offload, bool):
+            raise TypeError(f"cache_offload must be True or False, got {self.cache_offload!r}")
         if self.heads is not None and not isinstance(self.heads, HeadTable):
             raise TypeError(f"heads must be a HeadTable or None, got {type(self.heads).__name__}")
 
@@ -145,7 +170,9 @@ class AttentionPlan:
         d = describe(self.method)
         for name in self.setting_names():
             v = getattr(self, name)
-            d[name] = list(v) if isinstance(v, tuple) else v
+            if name in _CACHE_DEFAULTS and v == _CACHE_DEFAULTS[name]:
+                continue
+            d[name] = v.describe() if isinstance(v, CacheConfig) else list(v) if isinstance(v, tuple) else v
         return d
 
     def describe(self) -> dict:
