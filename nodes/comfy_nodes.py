@@ -10,6 +10,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import fast_attention as fa
+from . import fast_cache as fc
 from .prompt_enhancer import KV_BITS, check_kv_bits, enhance_prompt
 
 CATEGORY = "fastattn"
@@ -103,6 +104,98 @@ class FastAttention(io.ComfyNode):
                 plan=None) -> io.NodeOutput:  # fmt: skip
         return io.NodeOutput(fa.apply_fast_attention(model, preset, method, density, quant, start_percent,
                                                      end_percent, dense_blocks, plan))  # fmt: skip
+
+
+class FastAttentionCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnCache",
+            display_name="Fast Attention Cache",
+            category=CATEGORY,
+            description="Reuses work across denoising steps and CFG branches (on a copy of the model): skips "
+            "transformer blocks whose output barely changes (a trigger on the first block, or the Delta-DiT "
+            "schedule) and shares attention outputs across steps and CFG branches. Combines with a Fast "
+            "Attention node applied before it; the Fast Attention Report shows blocks skipped and cache memory.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model, or the MODEL output of a Fast Attention node."),
+                io.Combo.Input(
+                    "preset",
+                    options=list(fc.PRESETS),
+                    default="balanced",
+                    tooltip="safe / balanced / fast: block skipping by the first-block trigger (faster skips "
+                    "more); delta: Delta-DiT schedule (rear blocks cached early, front blocks late); custom: the "
+                    "widgets below; off: no block skipping (attention sharing below still applies).",
+                ),
+                io.Combo.Input(
+                    "blocks",
+                    options=list(fc.BLOCK_MODES),
+                    default="auto",
+                    tooltip="With preset 'custom': auto (skip while the first block's residual changes less than "
+                    "threshold), delta (Delta-DiT schedule), fixed (skip half the steps), off.",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=0.1,
+                    min=0.0,
+                    max=2.0,
+                    step=0.01,
+                    tooltip="With preset 'custom', auto: accumulated relative change of the first block's "
+                    "output up to which the other blocks are skipped (higher: more skips, less exact).",
+                ),
+                io.Int.Input("max_skips", default=2, min=1, max=16,
+                             tooltip="With preset 'custom': most steps in a row that skip blocks."),  # fmt: skip
+                io.Float.Input(
+                    "first_steps",
+                    default=0.1,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="With preset 'custom': fraction of the run at its start that is always computed.",
+                ),
+                io.Int.Input("last_steps", default=1, min=0, max=100,
+                             tooltip="With preset 'custom': steps at the end of the run that are always computed."),  # fmt: skip
+                io.Int.Input(
+                    "attn_share_interval",
+                    default=0,
+                    min=0,
+                    max=16,
+                    tooltip="Attention sharing across steps: 0 off; k: self-attention is computed every k-th "
+                    "step and reused on the steps between.",
+                ),
+                io.Boolean.Input(
+                    "cfg_share",
+                    default=False,
+                    tooltip="Attention sharing across CFG: the negative prompt's pass reuses the positive "
+                    "one's self-attention output.",
+                ),
+                io.Float.Input(
+                    "cache_budget_gb",
+                    default=0.0,
+                    min=0.0,
+                    max=1024.0,
+                    step=0.25,
+                    tooltip="Most GiB of cached tensors; over it the cache recomputes instead. 0: unbounded.",
+                ),
+                io.Combo.Input(
+                    "cache_storage",
+                    options=["auto", "bf16", "int8"],
+                    default="auto",
+                    tooltip="How cached tensors are kept: auto (as computed), bf16, int8 (half of bf16).",
+                ),
+                io.Boolean.Input(
+                    "cache_offload", default=False, tooltip="Keep cached tensors in CPU memory (saves VRAM)."
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with fastattn's cache.")],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, blocks, threshold, max_skips, first_steps, last_steps, attn_share_interval,
+                cfg_share, cache_budget_gb, cache_storage, cache_offload) -> io.NodeOutput:  # fmt: skip
+        return io.NodeOutput(fc.apply_fast_cache(model, preset, blocks, threshold, max_skips, first_steps, last_steps,
+                                                 attn_share_interval, cfg_share, cache_budget_gb, cache_storage,
+                                                 cache_offload))  # fmt: skip
 
 
 class FastAttentionPlan(io.ComfyNode):
@@ -238,7 +331,7 @@ def _default_instruction() -> str:
     return DEFAULT_INSTRUCTION
 
 
-NODES = [FastAttention, FastAttentionPlan, FastAttentionReport, PromptEnhancer]
+NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer]
 
 
 class FastAttnExtension(ComfyExtension):

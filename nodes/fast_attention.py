@@ -211,6 +211,11 @@ def apply_fast_attention(model, preset: str = "balanced", method: str = "window3
         patch = FastAttentionPatch(None, settings=settings, reason=reason, book=book)
     else:
         built = build_plan(family, preset, method, density, quant, blocks, plan)
+        below = find_patch(model)
+        if below is not None and below.plan is not None and not built.cache.enabled:
+            # a Fast Attention Cache node applied before this one: its caching stays on the new plan
+            built = built.replace(cache=below.plan.cache, cache_budget_gb=below.plan.cache_budget_gb,
+                                  cache_storage=below.plan.cache_storage, cache_offload=below.plan.cache_offload)  # fmt: skip
         patch = FastAttentionPatch(family, built, sigma_start=window[0], sigma_end=window[1], settings=settings,
                                    book=book, sparse_fn=sparse_fn, default_attention=default_attention)  # fmt: skip
     patched = model.clone()

@@ -659,7 +659,7 @@ def test_contract_v3_nodes_are_thin_and_declare_tooltips(monkeypatch, book):
     ext = asyncio.run(fastattn.comfy_entrypoint())
     nodes = asyncio.run(ext.get_node_list())
     schemas = {n.define_schema().kwargs["node_id"]: n for n in nodes}
-    assert set(schemas) == {"FastAttnApply", "FastAttnPlan", "FastAttnReport", "FastAttnPromptEnhancer"}
+    assert set(schemas) == {"FastAttnApply", "FastAttnCache", "FastAttnPlan", "FastAttnReport", "FastAttnPromptEnhancer"}
     for node in nodes:
         s = node.define_schema().kwargs
         assert s["category"] == "fastattn" and s["display_name"]
@@ -669,6 +669,8 @@ def test_contract_v3_nodes_are_thin_and_declare_tooltips(monkeypatch, book):
     out = fast.execute(flux_patcher(), "custom", "band", 0.5, "default", 0.0, 1.0, "0", None)
     patched = out.args[0]
     assert find_patch(patched).plan.dense_layers == (0,)
+    cached = schemas["FastAttnCache"].execute(patched, "custom", "delta", 0.1, 2, 0.1, 1, 2, True, 1.0, "int8", False)
+    assert find_patch(cached.args[0]).plan.cache.blocks == "delta" and find_patch(cached.args[0]).plan.dense_layers == (0,)
     report = schemas["FastAttnReport"].execute(patched)
     assert report.args[0].startswith("fastattn: nothing ran yet") and report.ui == {"text": [report.args[0]]}
     assert math.isnan(schemas["FastAttnReport"].fingerprint_inputs(model=patched))

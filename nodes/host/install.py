@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from .blocks import install_block_patches, remove_block_patches
 from .calls import HostCall
 from .patch import FastAttentionPatch
 
@@ -109,9 +110,16 @@ def install_override(patch: FastAttentionPatch, transformer_options: dict, repla
     return override
 
 
-def install(model, patch: FastAttentionPatch) -> None:
-    """Install ``patch`` on ``model`` (a ``ModelPatcher`` clone): override, bracket, run callbacks."""
+def install(model, patch: FastAttentionPatch, diffusion_model=None) -> None:
+    """Install ``patch`` on ``model`` (a ``ModelPatcher`` clone): override, bracket, run callbacks, and with
+    block caching in the plan the block replacements (``diffusion_model``: the model whose blocks they are;
+    default: ``model``'s)."""
     to = model.model_options.setdefault("transformer_options", {})
+    remove_block_patches(model)
+    if patch.runtime is not None and patch.plan.cache.blocks != "off":
+        if diffusion_model is None:
+            diffusion_model = model.get_model_object("diffusion_model")
+        install_block_patches(model, patch, diffusion_model)
     for kind, remove in ((APPLY_MODEL, "remove_wrappers_with_key"),
                          *((c, "remove_callbacks_with_key") for c in (ON_PRE_RUN, ON_PREPARE_STATE, ON_CLEANUP))):  # fmt: skip
         getattr(model, remove)(kind, KEY)

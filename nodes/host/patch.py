@@ -108,7 +108,7 @@ class FastAttentionPatch:
         self.run = _Run()
         self.host_calls.clear()
         if self.runtime is not None:
-            self.runtime.stats.reset()
+            self.runtime.reset_stats()
             self.runtime.reset_run()
 
     def end_run(self) -> None:
@@ -177,9 +177,15 @@ class FastAttentionPatch:
             and not (self.sigma_end - 1e-9 <= sigma <= self.sigma_start + 1e-9)
         ):
             window = "outside start_percent/end_percent"
-        ctx = ForwardContext(layout, step, total, cfg_branch(to.get("cond_or_uncond")), sigma, None)
+        cou = to.get("cond_or_uncond")
+        chunks = tuple(int(c) for c in cou) if cou is not None and len(cou) > 1 else None  # batched CFG
+        ctx = ForwardContext(layout, step, total, cfg_branch(cou), sigma, None, chunks)
         run.steps.add(step)
         return _Forward(self.runtime.begin_forward(ctx), layout, layout_reason, window, step)
+
+    def current_forward(self) -> _Forward | None:
+        """The forward in flight in this thread (block patches read its block decisions), or None."""
+        return self._forward.get()
 
     @torch.compiler.disable
     def _end(self, fwd: _Forward, started, x) -> None:

@@ -30,6 +30,9 @@ def build_report(patch) -> dict:
     out["ms_per_step"] = {str(k): round(v, 3) for k, v in ms.items()}
     out["sparse_steps"] = sorted(run.sparse_steps)
     out.update(patch.runtime.stats.as_dict())
+    plan = patch.plan
+    if plan.cache.enabled or plan.cache_budget_gb is not None:
+        out["cache"] = patch.runtime.cache.as_dict()
     return out
 
 
@@ -90,6 +93,32 @@ def format_report(r: dict | None) -> str:
                 f"steps with sparse attention {mean(sparse):.1f} ms, dense steps {mean(dense):.1f} ms"
             )
         lines.append("time per step: " + "; ".join(parts))
+    if r.get("cache"):
+        lines += _cache_lines(r["cache"])
     if r.get("notes"):
         lines.append(f"notes: {_counts(r['notes'])}")
     return "\n".join(lines)
+
+
+def _mib(n) -> str:
+    return "unbounded" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _cache_lines(c: dict) -> list[str]:
+    """What the cache reused and held (``report["cache"]``, :meth:`fastattn.caching.RuntimeCache.as_dict`)."""
+    cfg = c.get("config") or {}
+    lines = ["cache: " + (", ".join(f"{k}={v}" for k, v in cfg.items()) or "off")]
+    b = c.get("blocks")
+    if b:
+        lines.append(f"blocks skipped: {b['blocks_skipped']} of {b['blocks_run'] + b['blocks_skipped']} block calls "
+                     f"({b['block_work_skipped']:.1%}) in {b['skipping_forwards']} of {b['forwards']} forwards; "
+                     f"recomputed instead of skipping: {_counts(b['recomputes'])}")  # fmt: skip
+    a = c.get("attention")
+    if a:
+        lines.append(f"attention reused: {a['step_reuses']} from an earlier step (AST), {a['cfg_reuses']} from the "
+                     f"other CFG branch (ASC); recomputed: {_counts(a['recomputes'])}")  # fmt: skip
+    m = c["memory"]
+    lines.append(f"cache memory: {_mib(m['bytes'])} now, {_mib(m['peak_bytes'])} peak, budget "
+                 f"{_mib(m['budget_bytes'])}, storage {m['storage']}{' on the CPU' if m['offload'] else ''}; "
+                 f"hits {m['hits']}, refused over budget: {_counts(m['refused_over_budget'])}")  # fmt: skip
+    return lines
