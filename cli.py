@@ -115,10 +115,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     _use_interpreter_without_gpu()
-    from .testbed.demo import run_demo
+    from .testbed.demo import check_demo_args, run_demo
 
-    run_demo(out=args.out, steps=args.steps, preset=args.preset, method=args.method, density=args.density,
-             quant=args.quant, device=args.device, frames=args.frames, size=args.size)  # fmt: skip
+    kw = dict(out=args.out, steps=args.steps, preset=args.preset, method=args.method, density=args.density,
+              quant=args.quant, device=args.device, frames=args.frames, size=args.size, clips=args.clips)  # fmt: skip
+    try:  # every argument checked before the model loads or anything is sampled
+        check_demo_args(**kw)
+    except ValueError as e:
+        raise UsageError(e) from None
+    run_demo(**kw)
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="sample the shipped testbed DiT dense and fast; write a side-by-side GIF/PNG"
     )
-    d.add_argument("--out", default="fastattn-demo", help="folder for demo.png and demo.gif")
+    d.add_argument("--out", default="fastattn-demo", help="folder for demo.html, demo.png and demo.gif")
     d.add_argument("--steps", type=int, default=16, help="sampling steps")
     d.add_argument("--preset", default="balanced", help="testbed preset: safe, balanced or fast")
     d.add_argument(
@@ -221,9 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--density", type=float, default=None, help="the method's block density")
     d.add_argument("--quant", default=None, help="none, int8, int8-fp8, fp8 (default: the preset's)")
     d.add_argument("--frames", type=int, default=None, help="clip length (default: 8 on CPU, 16 on GPU)")
-    d.add_argument(
-        "--size", type=int, default=None, help="frame size in pixels (default: 48 on CPU, 64 on GPU)"
-    )
+    d.add_argument("--size", type=int, default=None, help="frame size in pixels (default: 64)")
+    d.add_argument("--clips", type=int, default=None, help="clips to sample (default: 1 on CPU, 4 on GPU)")
     d.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     d.set_defaults(func=cmd_demo)
     from .evaluation.cli import add_eval_parser

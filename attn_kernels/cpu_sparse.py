@@ -101,6 +101,7 @@ def _attend_blocks(q, k, v, lists: BlockLists, scale: float):
     lse = torch.full((b * h * nq, bs), -math.inf, device=q.device)
 
     # query blocks with the same count (over all batches and heads) share one batched product
+    chunks = []  # (count, query blocks), cut so a chunk's gathered keys stay near CHUNK_KEYS elements
     by_count, order = torch.sort(counts, stable=True)
     values, sizes = torch.unique_consecutive(by_count, return_counts=True)
     first = 0
@@ -109,23 +110,36 @@ def _attend_blocks(q, k, v, lists: BlockLists, scale: float):
         if count == 0:
             continue  # rows that read no key: zeros and -inf, as initialised
         per_chunk = max(1, CHUNK_KEYS // (bs * count * max(d, dv)))
-        for lo in range(0, size, per_chunk):
-            rows = group[lo : lo + per_chunk]
-            local = indices.index_select(0, rows)[:, :count].long()  # [N, count] key blocks of the head
-            blocks = (local + (rows // nq * nk)[:, None]).flatten()  # the same blocks in kb / vb
-            n = rows.numel()
-            keys = kb.index_select(0, blocks).view(n, count * bs, d)
-            vals = vb.index_select(0, blocks).view(n, count * bs, dv)
-            bias = None
-            if key_bias is not None:
-                bias = key_bias.index_select(0, local.flatten()).view(n, 1, 1, count * bs)
-            o, l = _softmax_attention(qb.index_select(0, rows), keys, vals, bias, scale)
-            out.index_copy_(0, rows, o)
-            lse.index_copy_(0, rows, l)
+        chunks += [(count, group[lo : lo + per_chunk]) for lo in range(0, size, per_chunk)]
+    if not chunks:
+        return _unpad(out, lse, b, h, q_pad)
+    # gathers write into buffers reused by every chunk: a fresh multi-MiB tensor per chunk costs the CPU
+    # page faults that take longer than the copy itself
+    most_rows = max(rows.numel() for _, rows in chunks)
+    most_blocks = max(rows.numel() * count for count, rows in chunks)
+    q_buf = qb.new_empty(most_rows, bs, d)
+    k_buf, v_buf = kb.new_empty(most_blocks, bs, d), vb.new_empty(most_blocks, bs, dv)
+    for count, rows in chunks:
+        n = rows.numel()
+        local = indices.index_select(0, rows)[:, :count].long()  # [N, count] key blocks of the head
+        blocks = (local + (rows // nq * nk)[:, None]).flatten()  # the same blocks in kb / vb
+        keys = torch.index_select(kb, 0, blocks, out=k_buf[: n * count]).view(n, count * bs, d)
+        vals = torch.index_select(vb, 0, blocks, out=v_buf[: n * count]).view(n, count * bs, dv)
+        queries = torch.index_select(qb, 0, rows, out=q_buf[:n])
+        bias = None
+        if key_bias is not None:
+            bias = key_bias.index_select(0, local.flatten()).view(n, 1, 1, count * bs)
+        o, l = _softmax_attention(queries, keys, vals, bias, scale)
+        out.index_copy_(0, rows, o)
+        lse.index_copy_(0, rows, l)
+    return _unpad(out, lse, b, h, q_pad)
 
-    out, lse = out.view(b, h, nq * bs, dv), lse.view(b, h, nq * bs)
+
+def _unpad(out, lse, b: int, h: int, q_pad):
+    """Blocked ``[B*H*nQ, bs, Dv]`` / ``[B*H*nQ, bs]`` -> ``[B, H, Sq, Dv]`` / ``[B, H, Sq]``."""
+    out, lse = out.view(b, h, -1, out.shape[-1]), lse.view(b, h, -1)
     if q_pad is not None:
-        position = q_pad[2].to(q.device)
+        position = q_pad[2].to(out.device)
         out, lse = out.index_select(2, position), lse.index_select(2, position)
     return out, lse
 

@@ -1,11 +1,22 @@
 """``fastattn demo``: the shipped testbed DiT sampled with dense and with fast attention, side by side.
 
-Runs on the CPU by default at a reduced size (8 frames of 32x32 pixels, 512 tokens, 32-token blocks) and
-on the GPU when there is one (16 frames of 64x64, 4,096 tokens, 128-token blocks). The fast run goes through
-the product path: :func:`fastattn.testbed.fast.enable` with a ``testbed`` preset (``balanced`` by default:
-dynamic top-k blocks with residual sharing, see ``presets/structural.json``) or a method and density.
-Writes a PNG grid and a GIF (top row dense, bottom row fast) and prints time, speedup, the attention work
-done and PSNR/SSIM of the fast clip against the dense one.
+The fast run goes through the product path: :func:`fastattn.testbed.fast.enable` with a ``testbed``
+preset (``balanced`` by default: dynamic top-k blocks with residual sharing, see
+``presets/structural.json``) or a method and density. Both runs are timed warm: one short run of each
+comes first (kernel compilation and autotuning on a GPU, first-call costs on the CPU) and its time is
+reported on its own line.
+
+Sizes: on a GPU 4 clips of 16 frames of 64x64 pixels (4,096 tokens, the size the testbed was trained at,
+128-token blocks). On the CPU one clip of 8 frames of 64x64 (2,048 tokens, 128-token blocks): sparse
+attention pays only where attention is a large part of the work, and at 512 tokens the testbed's MLPs and
+projections dominate (dense attention is under a tenth of a forward there; ``balanced`` measured 1.05x
+and 24.6 dB at 32-token blocks). The CPU's sparse path computes only the listed blocks
+(:mod:`fastattn.attn_kernels.cpu_sparse`); dense attention is PyTorch's SDPA.
+
+Writes ``demo.png`` (all frames; per clip one row dense, one row fast), ``demo.gif`` (the same, animated)
+and ``demo.html`` (both images, the table, and where the numbers come from), and prints the table: time,
+speedup, attention work done and PSNR/SSIM of the fast clip against the dense one, then the GPU figures
+to expect, read from the benchmark JSON committed in ``bench/results/``.
 
 The testbed is ours and small: it measures fast-vs-dense fidelity on learned attention, never FLUX or Wan
 quality.
@@ -13,15 +24,128 @@ quality.
 
 from __future__ import annotations
 
+import html
+import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..evaluation.metrics import summarize
 from ..masks import TokenLayout
-from .fast import enable
-from .sample import load_testbed, sample
+from .fast import FAMILY, enable
+from .sample import WEIGHTS_DIR, load_testbed, sample
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+GPU_RESULTS = ("e2e-nvidia_h200.json", "quality-nvidia_h200.json")  # the GPU figures the demo quotes
+LABELS = (0, 9, 14, 23)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    clips: int
+    frames: int
+    size: int  # frame size in pixels
+    block_size: int  # tokens per attention block
+
+
+# GPU: the testbed's training size, four clips. CPU: one clip of 2,048 tokens, the demo about a minute on
+# 2 cores; measured there (2 cores of an x86 server): balanced 1.32x at 31.7 dB, and 1.30x / 31.3 dB at
+# 4,096 tokens in 90 s (README, "fastattn demo").
+GPU_SIZE = DemoSize(clips=4, frames=16, size=64, block_size=128)
+CPU_SIZE = DemoSize(clips=1, frames=8, size=64, block_size=128)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Checked demo arguments (:func:`check_demo_args`)."""
+
+    out: Path
+    device: str
+    steps: int
+    labels: tuple[int, ...]
+    frames: int
+    size: int
+    block_size: int
+    plan: object  # the AttentionPlan the fast run uses
+    what: str  # how the table names it
+
+
+def _testbed_config() -> dict:
+    """The shipped weights' model config (read without loading the weights)."""
+    return json.loads((WEIGHTS_DIR / "config.json").read_text())["model"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_demo_args(
+    out="fastattn-demo",
+    steps: int = 16,
+    preset: str | None = "balanced",
+    method: str | None = None,
+    density: float | None = None,
+    quant: str | None = None,
+    device: str | None = None,
+    frames: int | None = None,
+    size: int | None = None,
+    clips: int | None = None,
+    labels=LABELS,
+) -> DemoSettings:
+    """Every demo argument checked before anything is loaded or sampled; ``ValueError`` says what was
+    expected. Creates ``out`` (it must be a writable folder)."""
+    from ..attn_kernels import QUANT_MODES
+    from ..plans.build import make_plan
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    default = GPU_SIZE if dev.type == "cuda" else CPU_SIZE
+    steps = _positive_int("--steps", steps)
+    frames = _positive_int("--frames", default.frames if frames is None else frames)
+    size = _positive_int("--size", default.size if size is None else size)
+    clips = _positive_int("--clips", default.clips if clips is None else clips)
+    cfg = _testbed_config()
+    if size % cfg["patch"]:
+        raise ValueError(f"--size must be a multiple of the testbed's patch size {cfg['patch']}, got {size}")
+    labels = tuple(int(x) for x in labels)
+    if not labels or any(not 0 <= x < cfg["num_classes"] for x in labels):
+        raise ValueError(f"labels must be class ids in [0, {cfg['num_classes']}), got {labels}")
+    labels = (labels * clips)[:clips]
+    if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        raise ValueError(
+            f"--density must be a fraction in (0, 1] of the key blocks to compute, got {density!r}"
+        )
+    if quant is not None and quant not in QUANT_MODES:
+        raise ValueError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if method is not None:
+        preset = None
+    if preset is None and method is None:
+        raise ValueError("give --preset (safe, balanced, fast) or --method")
+    block_size = default.block_size  # the GPU kernel takes 128-token blocks
+    if dev.type == "cpu":  # short CPU clips (tests) keep at least 16 blocks a side, so some can be skipped
+        block_size = min(block_size, max(16, frames * (size // cfg["patch"]) ** 2 // 16))
+    plan = make_plan(FAMILY, preset, method, density, None, quant=quant, block_size=block_size)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    if not out.is_dir() or not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: not a writable folder")
+    what = f"preset testbed/{preset}" if preset else plan.method.name
+    return DemoSettings(out, device, steps, labels, frames, size, block_size, plan, what)
 
 
 def _to_uint8(clip: torch.Tensor):
@@ -52,9 +176,64 @@ def write_grid(dense: torch.Tensor, fast: torch.Tensor, out: Path, scale: int = 
     return png_path, gif_path
 
 
+def gpu_expectations(preset: str | None, results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Lines quoting the committed GPU benchmarks for ``preset``: end-to-end speed on real model shapes
+    (``e2e-*.json``) and testbed quality at full size (``quality-*.json``). Empty when none is there."""
+    lines = []
+    e2e_path, quality_path = (results_dir / name for name in GPU_RESULTS)
+    if preset and e2e_path.exists():
+        for r in json.loads(e2e_path.read_text()):
+            if r.get("preset") != preset or "speedup" not in r:
+                continue
+            measured = r.get("schedule_measured")
+            if isinstance(measured, dict) and "speedup" in measured:
+                speed = f"{measured['speedup']:.2f}x over a whole {measured.get('steps', '?')}-step schedule"
+            else:
+                speed = f"{r['speedup']:.2f}x per sparse step"
+            lines.append(
+                f"{r['model']} {r.get('resolution', '')}: {speed} ({r.get('method')}, quant {r.get('quant')}; "
+                f"{r.get('device', 'GPU')}, {e2e_path.name})"
+            )
+    if preset and quality_path.exists():
+        q = json.loads(quality_path.read_text())
+        for r in q.get("heldout", []):
+            if r.get("config") == f"preset testbed/{preset}":
+                lines.append(
+                    f"testbed {q.get('tokens')} tokens, {q.get('steps')} steps: {r['psnr']:.1f} dB PSNR at "
+                    f"{r['attention_density']:.2f} of dense attention work ({q.get('device', 'GPU')}, "
+                    f"{len(q.get('heldout_clips', []))} held-out clips, {quality_path.name})"
+                )
+    return lines
+
+
+def write_html(out: Path, header: list[str], rows: list[list[str]], notes: list[str], gpu: list[str]) -> Path:
+    """``demo.html``: the side-by-side GIF and PNG, the table, and where the numbers come from."""
+    esc = html.escape
+    table = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{esc(c)}</th>" for c in header)
+    items = lambda lines: "".join(f"<li>{esc(x)}</li>" for x in lines)  # noqa: E731
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fastattn demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:4px 10px}} img{{image-rendering:pixelated;max-width:100%}}</style>
+</head><body>
+<h1>fastattn demo: testbed DiT, fast vs dense attention (same seed)</h1>
+<p>Top row of each pair: dense attention. Bottom row: fastattn.</p>
+<p><img src="demo.gif" alt="dense (top) and fast (bottom) clips, animated"></p>
+<table><tr>{head}</tr>{table}</table>
+<h2>Where these numbers come from</h2><ul>{items(notes)}</ul>
+<h2>GPU figures to expect</h2><ul>{items(gpu) or "<li>no committed GPU results found</li>"}</ul>
+<h2>All frames</h2><p><img src="demo.png" alt="all frames: dense rows above fast rows"></p>
+</body></html>
+"""
+    path = out / "demo.html"
+    path.write_text(page)
+    return path
+
+
 def run_demo(
     out: str | Path = "fastattn-demo",
-    labels=(0, 9, 14, 23),
+    labels=LABELS,
     steps: int = 16,
     preset: str | None = "balanced",
     method: str | None = None,
@@ -64,72 +243,98 @@ def run_demo(
     seed: int = 0,
     frames: int | None = None,
     size: int | None = None,
+    clips: int | None = None,
 ) -> dict:
+    """Sample ``clips`` clips dense and fast, print and return the comparison (see the module doc)."""
     from rich.console import Console
     from rich.table import Table
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    model = load_testbed(device=device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
-    # CPU: 8 frames of 32x32 (a size the testbed was trained at, 512 tokens), so the demo stays near a minute
-    frames = frames or (model.cfg.frames if on_gpu else 8)
-    size = size or (model.cfg.size if on_gpu else 32)
-    grid = model.cfg.grid(frames, size)
-    layout = TokenLayout.video(*grid)
-    kw = dict(frames=frames, size=size, num_steps=steps, seed=seed, progress=True)
+    s = check_demo_args(out, steps, preset, method, density, quant, device, frames, size, clips, labels)
+    on_gpu = s.device.startswith("cuda")
     console = Console(width=max(110, Console().width))  # the table's columns stay readable when piped
-    console.print(f"testbed DiT on {device}: {len(labels)} clips, {frames} frames of {size}x{size}, "
-                  f"{layout.seq_len} tokens, {steps} steps")  # fmt: skip
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
 
     def timed(fn):
-        if on_gpu:
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         r = fn()
-        if on_gpu:
-            torch.cuda.synchronize()
+        sync()
         return r, time.perf_counter() - t0
 
-    if on_gpu:  # warm-up outside the timed runs
-        sample(model, labels[:1], **{**kw, "num_steps": 2, "progress": False})
-    dense, t_dense = timed(lambda: sample(model, labels, **kw))
-    if method is not None:
-        preset = None
-    handle = enable(
-        model, preset, method=method, density=density, quant=quant, block_size=128 if on_gpu else 32
-    )
+    model = load_testbed(device=s.device, dtype=torch.bfloat16 if on_gpu else torch.float32).eval()
+    layout = TokenLayout.video(*model.cfg.grid(s.frames, s.size))
+    console.print(f"testbed DiT on {s.device}: {len(s.labels)} clip(s), {s.frames} frames of {s.size}x{s.size}, "
+                  f"{layout.seq_len} tokens, {s.steps} steps, {s.block_size}-token blocks")  # fmt: skip
+    kw = dict(frames=s.frames, size=s.size, num_steps=s.steps, seed=seed, progress=True)
+    # One short run of each first, untimed: on a GPU at full size (kernel compilation and autotuning); on the
+    # CPU first-call costs (imports, op registration) do not depend on the size, so two frames do.
+    warm = {**kw, "num_steps": 2, "progress": False, **({} if on_gpu else {"frames": min(2, s.frames)})}
+    _, t_warm = timed(lambda: sample(model, s.labels[:1], **warm))
+    dense, t_dense = timed(lambda: sample(model, s.labels, **kw))
+    handle = enable(model, plan=s.plan)
     try:
-        if on_gpu:  # compiles the kernels outside the timed run
-            sample(model, labels[:1], **{**kw, "num_steps": 2, "progress": False})
-            handle.reset_stats()
-        fast, t_fast = timed(lambda: sample(model, labels, **kw))
+        _, t_warm_fast = timed(lambda: sample(model, s.labels[:1], **warm))
+        handle.reset_stats()
+        fast, t_fast = timed(lambda: sample(model, s.labels, **kw))
         stats = handle.stats()
     finally:
         handle.disable()
     scores = summarize(fast.flatten(0, 1), dense.flatten(0, 1))
-    png, gif = write_grid(dense, fast, Path(out))
+    png, gif = write_grid(dense, fast, s.out)
 
-    plan = stats["plan"]
-    what = f"preset testbed/{preset}" if preset else plan["method"]
+    header = ["run", "attention", "time (s)", "speedup", "attention work", "PSNR (dB)", "SSIM"]
+    dense_impl = "PyTorch SDPA" + ("" if on_gpu else " (CPU, float32)")
+    fast_impl = "Triton kernel" if on_gpu else "CPU sparse path: listed blocks only (float32)"
+    rows = [
+        ["dense", dense_impl, f"{t_dense:.1f}", "1.00x", "1.00", "-", "-"],
+        [
+            "fast",
+            f"{s.what}, {fast_impl}: {stats['sparse_calls']} sparse / {stats['dense_calls']} dense calls",
+            f"{t_fast:.1f}",
+            f"{t_dense / t_fast:.2f}x",
+            f"{stats['density']:.2f}",
+            f"{scores['psnr']:.2f}",
+            f"{scores['ssim']:.4f}",
+        ],
+    ]
     table = Table(title="fastattn demo: testbed DiT, fast vs dense (same seed)")
-    for col in ("run", "attention", "time (s)", "speedup", "attention work", "PSNR (dB)", "SSIM"):
+    for col in header:
         table.add_column(col)
-    table.add_row("dense", "SDPA", f"{t_dense:.1f}", "1.00x", "1.00", "-", "-")
-    table.add_row(
-        "fast",
-        f"{what}: {stats['sparse_calls']} sparse / {stats['dense_calls']} dense calls",
-        f"{t_fast:.1f}",
-        f"{t_dense / t_fast:.2f}x",
-        f"{stats['density']:.2f}",
-        f"{scores['psnr']:.2f}",
-        f"{scores['ssim']:.4f}",
-    )
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    if not on_gpu:
-        console.print(
-            "[dim]CPU: the sparse path is the exact PyTorch reference, so the times say nothing about kernel "
-            "speed; 'attention work' is the fraction of dense attention computed.[/]"
-        )
-    console.print(f"wrote {png} and {gif} (top row dense, bottom row fast)")
-    return {"dense_s": t_dense, "fast_s": t_fast, "attention_density": stats["density"], **scores,
-            "png": str(png), "gif": str(gif), "stats": stats}  # fmt: skip
+    notes = [
+        f"Measured now on {_device_name(s.device)} ({torch.get_num_threads()} threads) with torch {torch.__version__}: "
+        f"{len(s.labels)} clip(s) of {layout.seq_len} tokens, {s.steps} steps, both runs warm "
+        f"(untimed warm-up first: {t_warm:.1f} s dense, {t_warm_fast:.1f} s fast, "
+        + ("kernel compilation and autotuning included)." if on_gpu else "first-call costs).")
+        + " Times are whole sampling runs, model and sampler included.",
+        "attention work: the fraction of dense attention's score entries computed over all calls; dense "
+        "steps and residual refreshes count as dense, block selection's sampled rows are not counted.",
+        "PSNR/SSIM: fast frames against the dense frames of the same seed (all frames pooled).",
+        "The testbed DiT is a small model trained for this purpose: it measures fidelity on learned "
+        "attention, not FLUX or Wan quality.",
+    ]
+    gpu = gpu_expectations(preset if method is None else None)
+    console.print("[bold]Where these numbers come from[/]")
+    for line in notes:
+        console.print(f"  - {line}")
+    console.print("[bold]GPU figures to expect[/] (committed benchmark JSON, bench/results/)")
+    for line in gpu or ["no committed GPU results for this preset"]:
+        console.print(f"  - {line}")
+    page = write_html(s.out, header, rows, notes, gpu)
+    console.print(f"wrote {page}, {png} and {gif} (top row dense, bottom row fast)")
+    return {"dense_s": t_dense, "fast_s": t_fast, "warmup_s": t_warm + t_warm_fast, "speedup": t_dense / t_fast,
+            "attention_density": stats["density"], **scores, "png": str(png), "gif": str(gif), "html": str(page),
+            "stats": stats, "gpu_expectations": gpu}  # fmt: skip
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"the CPU ({platform.processor() or platform.machine()})"

@@ -35,7 +35,8 @@ def test_verbs_and_bad_input():
     }
     with pytest.raises(SystemExit):
         ap.parse_args(["bench", "nonsense"])
-    with pytest.raises(ValueError, match="valid presets here"):
+    with pytest.raises(SystemExit) as exc:  # one-line error, exit status 2 (tests/test_demo.py)
         main(
             ["demo", "--preset", "turbo", "--frames", "2", "--size", "32", "--steps", "2", "--device", "cpu"]
         )
+    assert exc.value.code == 2
