@@ -194,6 +194,7 @@ class AttentionRuntime:
         for cache in (self.residuals, self.selections, self.head_outputs):
             for slot in [s for s in cache if s[1] == branch]:
                 del cache[slot]
+        self.cache.end_run(branch)
 
     def reset_run(self) -> None:
         """A new denoising run: drop what the last one cached (residuals, selections, head outputs)."""

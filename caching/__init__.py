@@ -43,6 +43,16 @@ class RuntimeCache:
             self.attention.reset_run()
         self.store.clear()
 
+    def end_run(self, branch: int) -> None:
+        """The last step of a run is done for CFG branch ``branch``: free what it kept for later steps. An ASC
+        output it stored stays for the other pass of the same step; one it took from that pass goes."""
+        for key in self.store.keys():
+            kind = key[0]
+            if kind in ("blocks", "probe", "ast") and key[1 if kind != "ast" else 2] == branch:
+                self.store.drop(key)
+            elif kind == "asc" and self.store.tag(key)[2] != branch:
+                self.store.drop(key)
+
     def reset_stats(self) -> None:
         self.store.reset_stats()
         self.blocks.stats = BlockStats()

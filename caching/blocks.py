@@ -171,7 +171,6 @@ class BlockForward:
     def _inside(rng: Range | None, index: int) -> bool:
         return rng is not None and rng[0] <= index < rng[1]
 
-    @torch.compiler.disable
     def block(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
               compute: Callable[[], tuple]) -> tuple:  # fmt: skip
         """Block ``index`` (counted over all block lists) on ``hidden`` (and ``encoder``, the text stream of a
@@ -216,6 +215,8 @@ class BlockForward:
         stats.schedule.append((self.step, self.branch, self.skipped))
 
     # ------------------------------------------------------------------ skip
+    # The decisions run eagerly (torch.compiler.disable); the blocks themselves (compute) stay compilable.
+    @torch.compiler.disable
     def _start_skip(self, seg: int, hidden, encoder) -> str:
         """``"skip"`` when block list ``seg``'s residual is there and fits the input, else ``"capture"``
         (counted): the blocks then run and their residual is captured."""
@@ -238,6 +239,7 @@ class BlockForward:
         cache.stats.recomputes[reason] += 1
         return "capture"
 
+    @torch.compiler.disable
     def _apply(self, seg: int, hidden, encoder) -> tuple:
         cache, store = self.cache, self.cache.store
         res_h = store.get(cache.key(self.branch, self.skip_range, seg, "h"), like=hidden)
@@ -245,6 +247,7 @@ class BlockForward:
         res_e = store.get(ke, like=encoder) if encoder is not None and ke in store else None
         return hidden + res_h, (encoder + res_e if res_e is not None else encoder)
 
+    @torch.compiler.disable
     def _capture(self, rng: Range, seg: int, out_h, out_e) -> None:
         cache, store = self.cache, self.cache.store
         in_h, in_e = self._inputs.pop(seg)
@@ -264,6 +267,7 @@ class BlockForward:
         self.state.refused = not ok
 
     # ------------------------------------------------------------------ auto trigger
+    @torch.compiler.disable
     def _probe(self, out_h: torch.Tensor) -> None:
         """After the probe blocks: keep their residual for the next step and, inside the window, skip the
         rest when it changed little since the last full compute (relative L1 change, accumulated step to

@@ -33,8 +33,12 @@ def enable(
             ``dense_steps`` when enabling a bare transformer (a pipeline says it itself).
         **settings: the plan's settings and the method's parameters, as named by the plan schema
             (:meth:`AttentionPlan.setting_names`: ``quant``, ``dense_steps``, ``dense_layers``,
-            ``start_percent``, ``end_percent``, ``block_size``, ``residual``, ``residual_refresh``; and e.g.
-            ``window=``, ``factor=``, ``top_p=``). Unknown names are refused with the list of known ones.
+            ``start_percent``, ``end_percent``, ``block_size``, ``residual``, ``residual_refresh``, ``cache``,
+            ``cache_budget_gb``, ``cache_storage``, ``cache_offload``; and e.g. ``window=``, ``factor=``,
+            ``top_p=``). Unknown names are refused with the list of known ones. ``cache=`` takes a cache preset
+            (``"safe"``, ``"balanced"``, ``"fast"``, ``"delta"``) or a dict of
+            :class:`~fastattn.caching.CacheConfig` fields, and mixes with any method:
+            ``enable(pipe, "fast", cache="balanced", cache_budget_gb=4)``.
 
     Everything is validated before any model is touched. Enabling an already enabled pipeline or model
     again replaces its plan cleanly (the old handle is disabled first); a transformer enabled through its

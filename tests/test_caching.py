@@ -251,6 +251,8 @@ def test_every_family_skipped_blocks_reproduce_the_computed_output(name):
     torch.testing.assert_close(outs[1], ref[1], rtol=1e-5, atol=1e-6)
     blocks = st["cache"]["blocks"]
     assert blocks["blocks_skipped"] == blocks["blocks_run"] - 2 > 0 and st["notes"] == {}
+    memory = st["cache"]["memory"]
+    assert memory["bytes"] == 0 < memory["peak_bytes"]  # freed after the run's last step
     h.disable()
     assert {n: "forward" in m.__dict__ for n, m in model.named_modules()} == before
     assert not any("_diffusers_hook" in m.__dict__ for n, m in model.named_modules() if n)

@@ -12,6 +12,8 @@
   silently replace it.
 - ``clone()`` deep-copies ``model_options``: the override (and its patch) copy as themselves, so every clone
   of a patched model shares one patch and one report.
+- **Blocks.** With block caching in the plan, every transformer block gets a ``patches_replace`` entry
+  (``blocks.py``) on the clone; installing again replaces ours and keeps other nodes' entries.
 """
 
 from __future__ import annotations
