@@ -204,6 +204,14 @@ def main(argv=None) -> int:
     knobs = {"block_size": 16} if tiny else {}
     t_start = time.perf_counter()
     records = []
+    out = args.out or str(Path(os.environ.get("OUT", "bench/results")) / f"caching-{gpu}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(bench="caching", device=gpu, torch=torch.__version__, diffusers=diffusers.__version__,
+                preset=args.preset, skip_fraction=args.skip_fraction, note=NOTE)  # fmt: skip
+
+    def save():  # after every row: a run cut short keeps what it measured
+        Path(out).write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+
     for name, kind, cfg, fraction, spec, default_steps in cases(tiny):
         resolution = f"{spec['w']}x{spec['h']}"
         if args.only and not re.search(args.only, f"{name} {resolution}"):
@@ -262,6 +270,7 @@ def main(argv=None) -> int:
                 rec["error"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"  {name} {label}: {rec['error']}", file=sys.stderr)
                 records.append(rec)
+                save()
                 continue
             if label == "dense":
                 base = rec
@@ -270,17 +279,14 @@ def main(argv=None) -> int:
                 if rec["peak_bytes"] is not None and base["peak_bytes"] is not None:
                     rec["peak_over_dense_bytes"] = rec["peak_bytes"] - base["peak_bytes"]
             records.append(rec)
+            save()
             print(f"{name:16s} {resolution:>9s} {label:28s} {rec['ms']:10.1f} ms  x{rec.get('speedup', 0):.2f}  "
                   f"compute {rec['compute_fraction']:.2f}  peak {rec['peak_bytes']}", flush=True)  # fmt: skip
         del model, inputs
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out = args.out or str(Path(os.environ.get("OUT", "bench/results")) / f"caching-{gpu}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(bench="caching", device=gpu, torch=torch.__version__, diffusers=diffusers.__version__,
-                preset=args.preset, skip_fraction=args.skip_fraction, note=NOTE)  # fmt: skip
-    Path(out).write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    save()
     print(f"wrote {out} ({len(records)} records, {time.perf_counter() - t_start:.0f} s)")
     return 0
 
