@@ -11,6 +11,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import fast_attention as fa
 from . import fast_cache as fc
+from . import text_encoder_cache as tec
 from .prompt_enhancer import KV_BITS, check_kv_bits, enhance_prompt
 
 CATEGORY = "fastattn"
@@ -250,6 +251,12 @@ class FastAttentionReport(io.ComfyNode):
                     optional=True,
                     tooltip="Connect the sampler's output here so the report is made after sampling.",
                 ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="The CLIP output of a Fast Attention Text Encoder Cache node: adds what its cache did "
+                    "(prompts encoded from the cache, those that were not and why).",
+                ),
             ],
             outputs=[io.String.Output(display_name="report", tooltip="The report as text.")],
             is_output_node=True,
@@ -260,8 +267,10 @@ class FastAttentionReport(io.ComfyNode):
         return float("nan")  # never cached: the report changes with every run
 
     @classmethod
-    def execute(cls, model, after=None) -> io.NodeOutput:
+    def execute(cls, model, after=None, clip=None) -> io.NodeOutput:
         text = fa.report_text(model)
+        if clip is not None:
+            text += "\n\n" + tec.report_text(clip)
         return io.NodeOutput(text, ui={"text": [text]})
 
 
@@ -325,13 +334,54 @@ class PromptEnhancer(io.ComfyNode):
         )
 
 
+class TextEncoderCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnTextEncoderCache",
+            display_name="Fast Attention Text Encoder Cache",
+            category=CATEGORY,
+            description="Encodes the prompt template of LLM text encoders (HunyuanVideo's Llama, Qwen-Image's "
+            "Qwen 2.5, ...) once and keeps its keys/values quantized, so each prompt runs only its own tokens "
+            "(on a copy of the CLIP). Other encoders pass through; the report says why.",
+            inputs=[
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The CLIP from a (Dual)CLIPLoader. Decoder-LM encoders with a prompt template take "
+                    "the cache; CLIP-L, T5 and the like are left as they are.",
+                ),
+                io.Combo.Input(
+                    "bits",
+                    options=list(tec.BITS),
+                    default="8",
+                    tooltip="Bits per cached key/value of the template prefix (8 is near-lossless; 4 and 2 save "
+                    "more memory with more error). off: the CLIP passes through unchanged.",
+                ),
+            ],
+            outputs=[
+                io.Clip.Output(tooltip="The CLIP with the template-prefix cache."),
+                io.String.Output(
+                    display_name="report",
+                    tooltip="What was cached, its memory vs bf16, the encode time saved per prompt and the "
+                    "error on a probe prompt; why an encoder was left as it is.",
+                ),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, clip, bits="8") -> io.NodeOutput:
+        patched, report = tec.apply_text_encoder_cache(clip, bits)
+        return io.NodeOutput(patched, report, ui={"text": [report]})
+
+
 def _default_instruction() -> str:
     from ..prompt import DEFAULT_INSTRUCTION
 
     return DEFAULT_INSTRUCTION
 
 
-NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer]
+NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer, TextEncoderCache]
 
 
 class FastAttnExtension(ComfyExtension):
