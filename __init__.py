@@ -16,13 +16,13 @@ if __name__ == "fastattn":  # not when a host (pytest, ComfyUI) imports this fol
     _attach_pipeline_methods()
 
 __all__ = [
-    "BlockMask", "TokenLayout", "__version__", "comfy_entrypoint", "disable", "enable",
+    "BlockMask", "TokenLayout", "__version__", "calibrate", "comfy_entrypoint", "disable", "enable",
 ]  # fmt: skip
 
 
 def __getattr__(name: str):
-    # enable/disable load the runtime on first use, so `import fastattn` stays light.
-    if name in ("enable", "disable"):
+    # enable/disable/calibrate load the runtime on first use, so `import fastattn` stays light.
+    if name in ("enable", "disable", "calibrate"):
         from . import api
 
         return getattr(api, name)

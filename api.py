@@ -16,7 +16,8 @@ pipeline also has ``pipe.enable_fast_attention(...)`` / ``pipe.disable_fast_atte
 
 from __future__ import annotations
 
+from .calibration import calibrate
 from .pipelines.entry import disable, enable
 from .plans import make_plan
 
-__all__ = ["disable", "enable", "make_plan"]
+__all__ = ["calibrate", "disable", "enable", "make_plan"]
