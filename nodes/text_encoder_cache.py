@@ -145,7 +145,12 @@ def apply_text_encoder_cache(clip, bits: str = "8", probe: str = PROBE_PROMPT):
     if not encoders:
         return clip, _passthrough(encoders, "no text encoder found in this CLIP")
     if any(e.reason is None for e in encoders):
-        _pair(encoders, template_prefixes(clip))
+        try:
+            prefixes = template_prefixes(clip)
+        except Exception as err:  # a tokenizer that needs more than text (nothing is patched yet)
+            return clip, _passthrough(encoders, f"the CLIP's tokenizer failed on a probe prompt "
+                                                f"({type(err).__name__}: {err})")  # fmt: skip
+        _pair(encoders, prefixes)
     takers = [e for e in encoders if e.reason is None]
     if not takers:
         return clip, _passthrough(encoders, "no text encoder here can take it")
@@ -204,7 +209,10 @@ def _probe(patched, takers: list[Encoder], prompt: str) -> dict:
     adapters = [e.adapter for e in takers]
     tokens = patched.tokenize(prompt)
     patched.load_model()
-    device = next(takers[0].core.parameters()).device
+    # where the encoder computes (its weights may sit elsewhere under ComfyUI's low-VRAM loading)
+    device = torch.device(
+        getattr(patched.patcher, "load_device", None) or next(takers[0].core.parameters()).device
+    )
 
     def encode(mode: str):
         for a in adapters:

@@ -561,6 +561,10 @@ def test_contract_node_passes_through_what_it_cannot_cache_with_the_reason():
     sliding, _ = make_clip(sliding=True)
     same, report = tec.apply_text_encoder_cache(sliding, "8")
     assert same is sliding and "sliding-window attention (Gemma 3)" in report
+    picky, _ = make_clip()
+    picky.tokenize = lambda text: (_ for _ in ()).throw(KeyError("images"))
+    same, report = tec.apply_text_encoder_cache(picky, "8")
+    assert same is picky and "tokenizer failed on a probe prompt (KeyError" in report, report
     clip, _ = make_clip()
     same, report = tec.apply_text_encoder_cache(clip, "off")
     assert same is clip and "off" in report
