@@ -1,4 +1,5 @@
-"""The ``fastattn`` command line: ``fastattn demo``, ``fastattn eval``, ``fastattn bench`` and ``fastattn preset``."""
+"""The ``fastattn`` command line: ``fastattn demo``, ``fastattn eval``, ``fastattn calibrate``, ``fastattn bench`` and
+``fastattn preset``."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ BENCHMARKS = {
     "kernels": "fastattn.bench.kernel_speed",  # kernel speed and accuracy vs cuDNN / FA2 / FlexAttention (GPU)
     "e2e": "fastattn.bench.e2e",  # diffusers transformers at real shapes, random weights (GPU)
     "quality": "fastattn.bench.quality",  # presets and methods on the learned testbed (GPU; --tiny on CPU)
+    "calibrate": "fastattn.bench.calibrate",  # calibrated per-head plans on the testbed (GPU; --tiny on CPU)
     "kvcache-quality": "fastattn.bench.kvcache_quality",  # quantized KV cache on real SmolLM2 (CPU)
     "kvcache-speed": "fastattn.bench.kvcache_speed",  # decode speed, 7B-class Llama (GPU; --tiny on CPU)
     "kvcache-prefix": "fastattn.bench.kvcache_prefix",  # text-encoder template prefix cache, real SmolLM2 (CPU)
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=cmd_bench)
     _add_preset_parser(sub)
+    from .calibration.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return ap
 
 

@@ -270,3 +270,28 @@ def test_tiny_diffusers_pipeline_end_to_end(tmp_path):
     assert st["density"] <= 0.6 + 1e-6
     with pytest.raises(CalibrationError, match="pass the diffusers pipeline"):
         fastattn.calibrate(transformer, [prompt], target_density=0.5)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_calibrates_the_testbed_and_refuses_bad_input(tmp_path, capsys):
+    from fastattn.cli import main
+
+    out = tmp_path / "plan"
+    main(["calibrate", "--testbed", "--prompts", "1", "5:100", "--frames", "2", "--size", "32", "--steps", "2",
+          "--block-size", "16", "--rows-per-block", "2", "--target-density", "0.5", "--out", str(out),
+          "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert "expected attention work" in capsys.readouterr().out
+    loaded = load_plan(out)
+    assert loaded.meta.creator == "fastattn.calibrate" and loaded.meta.model.family == "testbed"
+    assert (out / "report.json").exists()
+    for argv, message in (
+        (["calibrate", "--testbed", "--prompts", "x", "--target-density", "0.3", "--out", str(out)], "class label"),
+        (["calibrate", "--testbed", "--prompts", "1", "--out", str(out)], "give --target-density"),
+        (["calibrate", str(tmp_path / "nope"), "--prompts", "a", "--target-density", "0.3", "--out", str(out)],
+         "no such pipeline folder"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
