@@ -167,8 +167,9 @@ class FastAttentionCache(io.ComfyNode):
                 io.Boolean.Input(
                     "cfg_share",
                     default=False,
-                    tooltip="Attention sharing across CFG: the negative prompt's pass reuses the positive "
-                    "one's self-attention output.",
+                    tooltip="Attention sharing across CFG: batched CFG computes self-attention for the positive "
+                    "prompt and copies it to the negative; CFG as two passes: the second pass of a step reuses the "
+                    "first one's.",
                 ),
                 io.Float.Input(
                     "cache_budget_gb",
