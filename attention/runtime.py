@@ -332,7 +332,9 @@ class AttentionRuntime:
             dense = self._dense(
                 query, key, value, attn_mask, call.scale, "residual capture (WA-RS)", True, call.work
             )
-            residual = dense - sparse
+            # A cache, not part of this call's graph: kept with autograd attached, a later step's backward
+            # would reach into this step's freed graph.
+            residual = (dense - sparse).detach()
             self.residuals.pop(slot, None)  # the one it replaces does not count against the budget
             # Over cache_budget_gb the residual is not kept: later calls capture (run exact) again.
             if self.cache.store.admit(residual.numel() * residual.element_size(), kind="residual"):

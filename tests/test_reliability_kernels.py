@@ -450,3 +450,17 @@ def test_runtime_op_called_directly_with_grad_says_how_to_proceed():
     out = backend.fastattn_attention(q, k, v)
     out.sum().backward()
     assert q.grad is not None
+
+
+def test_residual_sharing_trains_step_after_step():
+    """WA-RS keeps ``dense - sparse`` across steps: it must be held detached, or the second step's backward
+    reaches into the first step's freed graph ("backward through the graph a second time")."""
+    import fastattn.api as fa
+
+    model, inputs, _ = _tiny().build("wan")
+    handle = fa.enable(model, method="band", window=6, block_size=8, dense_steps=0, residual=True, num_steps=3)
+    for t in (900, 600, 300):  # step 0 captures the residual, steps 1 and 2 apply it
+        _param_grads(model, {**inputs, "timestep": torch.tensor([t])})
+    st = handle.stats()
+    handle.disable()
+    assert st["residual_peak_bytes"] > 0 and st["sparse_calls"] > 0, st
