@@ -35,7 +35,7 @@ from .context import ForwardContext, ForwardState
 from .observe import ObservedCall
 from .stats import AttentionStats
 
-CPU_NOTE = "sparse calls on the CPU (PyTorch reference code: slower than dense attention)"
+CPU_NOTE = "sparse calls on the CPU (PyTorch block loop, no GPU kernel: can be slower than dense attention)"
 
 
 def sdpa_dense(query, key, value, attn_mask=None, scale=None):

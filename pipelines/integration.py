@@ -327,9 +327,11 @@ def enable_models(models, pipe, plans, num_steps=None) -> Handle:
     on_cpu = [type(m).__name__ for m, p in zip(models, plans) if not p.is_exact and _device_type(m) == "cpu"]
     if on_cpu:
         warnings.warn(
-            f"fastattn: {', '.join(on_cpu)} is on the CPU: sparse and quantized attention run PyTorch reference "
-            "code there, slower than dense attention. fastattn speeds up CUDA GPUs; move the model to one "
-            "(before or after enabling). stats() counts the calls served on the CPU",
+            f"fastattn: {', '.join(on_cpu)} is on the CPU: there block-sparse attention computes only the listed "
+            "blocks in PyTorch (it pays at low density on long sequences, and can be slower than dense attention "
+            "on short ones), and quantized attention runs reference code, slower than dense attention. fastattn's "
+            "kernels are for CUDA GPUs; move the model to one (before or after enabling). stats() counts the "
+            "calls served on the CPU",
             stacklevel=3,
         )
     return Handle(handles, pipe, clock)

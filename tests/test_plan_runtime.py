@@ -329,3 +329,28 @@ def test_method_parameters_checked_when_the_plan_is_made(settings, match):
     """Bad geometry is refused by make_plan (before enable touches a model), not at the first forward."""
     with pytest.raises(ValueError, match=match):
         make_plan("wan", **settings)
+
+
+def test_a_one_step_run_ends_and_the_next_run_starts_fresh():
+    """After a run of one step (step 0 is also its last), the next run's step 0 is still a new run: it must
+    serve the same calls as on a fresh runtime (residual sharing applies, nothing counted as left over)."""
+    plan = AttentionPlan(BandConfig(window=4), block_size=8, residual=True, residual_refresh=0)
+    q, k, v = _qkv()
+
+    def run(rt, num_steps):
+        outs = []
+        for step in range(num_steps):
+            state = _fw(rt, step, num_steps)
+            outs.append(rt.attend(state, q, k, v, layer=0))
+            rt.end_forward(state)
+        return outs
+
+    fresh = AttentionRuntime(plan, num_layers=1)
+    want = run(fresh, 4)
+    rt = AttentionRuntime(plan, num_layers=1)
+    run(rt, 1)
+    before = rt.stats.sparse_calls
+    got = run(rt, 4)
+    assert rt.stats.sparse_calls - before == fresh.stats.sparse_calls > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
