@@ -70,13 +70,15 @@ def make_problem(obs: Observations, cs: CandidateSet, bits, weights: torch.Tenso
     denom = obs.energy.sum(-1, keepdim=True).clamp_min(1e-30)  # [G, L, 1]: the layer's output energy
     err_c = obs.err / denom[..., None]
     quant_err = obs.quant_err / denom[..., None]
-    reuse_ok = obs.reuse_calls > 0
-    reuse_err = (obs.reuse_err / obs.reuse_calls.clamp_min(1)[..., None]) / (
-        denom / obs.calls.clamp_min(1)[..., None]
-    )
+    per_call = denom / obs.calls.clamp_min(1)[..., None]  # [G, L, 1]
+    reuse_err = (obs.reuse_err / obs.reuse_calls.clamp_min(1)[:, :, None, :]) / per_call[..., None]
+    allowed = (obs.reuse_calls > 0)[:, :, None, :] & any(c.reuse for c in cs.candidates)
+    reuse_err = torch.where(allowed, reuse_err, torch.full_like(reuse_err, float("inf")))
     pairs = []
     for ci, cand in enumerate(cs.candidates):
-        if cand.reuse or isinstance(cand.method, SkipConfig):
+        if cand.reuse:
+            continue  # reuse is not an option of its own: selection chains it over the step groups
+        if isinstance(cand.method, SkipConfig):
             pairs.append((ci, 0))
         else:
             pairs.extend((ci, qi) for qi in range(len(bits)))
@@ -85,13 +87,8 @@ def make_problem(obs: Observations, cs: CandidateSet, bits, weights: torch.Tenso
     work = torch.zeros(g, l, h, k, dtype=torch.float64)
     time = torch.zeros(g, l, h, k, dtype=torch.float64)
     valid = torch.ones(g, l, h, k, dtype=torch.bool)
-    odd = (torch.arange(g) % 2 == 1)[:, None, None]
     for j, (ci, qi) in enumerate(pairs):
         cand = cs.candidates[ci]
-        if cand.reuse:
-            err[..., j] = reuse_err
-            valid[..., j] = reuse_ok[..., None] & odd  # reuse follows a computed group (odd groups only)
-            continue
         d = float(cs.density[ci])
         err[..., j] = err_c[..., ci]
         work[..., j] = d
@@ -102,7 +99,7 @@ def make_problem(obs: Observations, cs: CandidateSet, bits, weights: torch.Tenso
         if bits[qi] != "none" and not quant_in_solve:
             valid[..., j] = False
     overhead = cost.call_overhead_ms / max(dense_head_ms, 1e-9)
-    return Options(pairs, Problem(err, work, time, valid, weights, overhead), quant_err)
+    return Options(pairs, Problem(err, work, time, valid, reuse_err, weights, overhead), quant_err)
 
 
 def lower_bits(options: Options, sel: Selection, cs: CandidateSet, bits, tolerance: float,
@@ -121,7 +118,7 @@ def lower_bits(options: Options, sel: Selection, cs: CandidateSet, bits, toleran
             for hi in range(h):
                 ci, qi = options.pairs[int(choice[gi, li, hi])]
                 cand = cs.candidates[ci]
-                if cand.reuse or isinstance(cand.method, SkipConfig):
+                if sel.reuse[gi, li, hi] or isinstance(cand.method, SkipConfig):
                     continue
                 d = float(cs.density[ci])
                 reordered = cand.order != "FHW"
@@ -158,12 +155,12 @@ def make_plan(
                 if sel.dense_rows[gi, li]:
                     method[gi, li, hi] = method_id(dense)
                     continue
-                ci, qi = options.pairs[int(sel.choice[gi, li, hi])]
-                cand = cs.candidates[ci]
-                if cand.reuse:
+                if sel.reuse[gi, li, hi]:
                     method[gi, li, hi] = method_id(dense)  # computed exactly when nothing is cached yet
                     reuse[gi, li, hi] = True
                     continue
+                ci, qi = options.pairs[int(sel.choice[gi, li, hi])]
+                cand = cs.candidates[ci]
                 method[gi, li, hi] = method_id(cand.method)
                 order[gi, li, hi] = AXIS_ORDERS.index(cand.order)
                 if bits[qi] != "none" and not isinstance(cand.method, SkipConfig):
@@ -197,20 +194,29 @@ def describe_choice(
     options: Options, sel: Selection, cs: CandidateSet, bits, layout: TokenLayout
 ) -> list[dict]:
     """Per (group, layer, head): what was chosen, its block density, estimated error and bit-width."""
+    from .select import _quantities
+
+    q = _quantities(options.problem, sel.choice, sel.reuse, sel.dense_rows)
+    dist = sel.reuse_distance()
     out = []
     g, l, h = sel.choice.shape
-    p = options.problem
     for gi in range(g):
         for li in range(l):
             for hi in range(h):
+                row = {"group": gi, "layer": li, "head": hi, "density": float(q["work"][gi, li, hi]),
+                       "error": float(q["err"][gi, li, hi])}  # fmt: skip
                 if sel.dense_rows[gi, li]:
-                    out.append({"group": gi, "layer": li, "head": hi, "choice": "dense (row)", "family": "dense",
-                                "density": 1.0, "error": 0.0, "bits": "none"})  # fmt: skip
-                    continue
-                j = int(sel.choice[gi, li, hi])
-                ci, qi = options.pairs[j]
-                cand = cs.candidates[ci]
-                out.append({"group": gi, "layer": li, "head": hi, "choice": cand.label, "family": cand.family,
-                            "density": float(p.work[gi, li, hi, j]), "error": float(p.err[gi, li, hi, j]),
-                            "bits": "none" if cand.reuse else bits[qi]})  # fmt: skip
+                    row.update(choice="dense (row)", family="dense", bits="none")
+                elif dist[gi, li, hi] > 0:
+                    row.update(
+                        choice="reuse",
+                        family="ditfastattn",
+                        bits="none",
+                        reuse_groups_back=int(dist[gi, li, hi]),
+                    )
+                else:
+                    ci, qi = options.pairs[int(sel.choice[gi, li, hi])]
+                    cand = cs.candidates[ci]
+                    row.update(choice=cand.label, family=cand.family, bits=bits[qi])
+                out.append(row)
     return out

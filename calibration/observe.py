@@ -30,6 +30,7 @@ from ..masks.layout import AXIS_ORDERS, TokenLayout
 from .candidates import CandidateSet, position_blocks
 
 MASS_TOP_P = 0.9  # PARO concentration: share of key blocks that carry this much of a row's mass
+MAX_REUSE = 2  # a head may reuse its output for at most this many step groups in a row
 WORKING_SET = {"cuda": 2 << 30, "cpu": 256 << 20}  # bytes of per-chunk scratch; bounds heads per chunk
 
 
@@ -43,10 +44,12 @@ class Observations:
         err: ``[G, L, H, C]`` summed mean squared row error of each candidate.
         energy: ``[G, L, H]`` summed mean squared norm of the exact row outputs.
         quant_err: ``[G, L, H, Q]`` summed mean squared error of each bit-width (dense mask).
-        reuse_err: ``[G, L, H]`` summed mean squared error of the previous group's output.
+        reuse_err: ``[G, L, H, K]`` summed mean squared error of the output the head had at the end of step
+            group ``g - k`` (``k = 1..K``, ``K = MAX_REUSE``): what head-wise reuse returns after ``k - 1``
+            reused groups.
         concentration: ``[G, L, H, 6]`` summed share of key blocks covering ``MASS_TOP_P`` of the mass, per
             axis order (``AXIS_ORDERS``).
-        calls: ``[G, L]`` calls observed; reuse_calls: ``[G, L]`` of them with a previous-group output.
+        calls: ``[G, L]`` calls observed; reuse_calls: ``[G, L, K]`` of them with an output ``k`` groups back.
     """
 
     err: torch.Tensor
@@ -64,10 +67,10 @@ class Observations:
             torch.zeros(groups, layers, heads, candidates, **f),
             torch.zeros(groups, layers, heads, **f),
             torch.zeros(groups, layers, heads, bits, **f),
-            torch.zeros(groups, layers, heads, **f),
+            torch.zeros(groups, layers, heads, MAX_REUSE, **f),
             torch.zeros(groups, layers, heads, len(AXIS_ORDERS), **f),
             torch.zeros(groups, layers, dtype=torch.int64),
-            torch.zeros(groups, layers, dtype=torch.int64),
+            torch.zeros(groups, layers, MAX_REUSE, dtype=torch.int64),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -150,8 +153,7 @@ class CalibrationObserver:
         self.layout: TokenLayout | None = None  # the joint layout calibrated (first call's)
         self.obs: Observations | None = None
         self._scratch: dict = {}  # per (layout, device): rows, query blocks and maps on the device
-        self._last: dict = {}  # (layer, branch) -> (step, group, outputs [n, R, D]) of the latest call
-        self._ref: dict = {}  # (layer, branch) -> (group, outputs of the previous group's last step)
+        self._ends: dict = {}  # (layer, branch) -> {group: outputs [n, R, D] of its latest step} in this run
         self.calls_seen = 0
 
     # ------------------------------------------------------------------ set-up
@@ -192,8 +194,7 @@ class CalibrationObserver:
 
     def new_run(self) -> None:
         """A new denoising run starts: forget the last outputs (reuse compares steps of one run only)."""
-        self._last.clear()
-        self._ref.clear()
+        self._ends.clear()
 
     # ------------------------------------------------------------------ one call
     @torch.no_grad()
@@ -311,14 +312,19 @@ class CalibrationObserver:
         return res
 
     def _reuse(self, layer: int, ctx, g: int, out: torch.Tensor, b: int, h: int) -> None:
-        """Error of returning the previous group's last output (head-wise reuse across steps)."""
-        key = (layer, ctx.cfg_branch)
-        last = self._last.get(key)
-        if last is not None and last[0] < ctx.step and last[1] == g - 1 and last[2].shape == out.shape:
-            self._ref[key] = (g, last[2])
-        ref = self._ref.get(key)
-        if ref is not None and ref[0] == g:
-            e = (ref[1] - out).pow(2).sum(-1).mean(-1).reshape(b, h).mean(0).double().cpu()
-            self.obs.reuse_err[g, layer] += e
-            self.obs.reuse_calls[g, layer] += 1
-        self._last[key] = (ctx.step, g, out)
+        """Error of returning the output of step group ``g - k`` (head-wise reuse after ``k - 1`` reused groups).
+
+        The runtime hands a reusing head the layer's output of the latest step it computed, i.e. the last
+        step of the last computed group; observed here on the exact trajectory.
+        """
+        ends = self._ends.setdefault((layer, ctx.cfg_branch), {})
+        for k in range(1, MAX_REUSE + 1):
+            ref = ends.get(g - k)
+            if ref is None or ref.shape != out.shape:
+                continue
+            e = (ref - out).pow(2).sum(-1).mean(-1).reshape(b, h).mean(0).double().cpu()
+            self.obs.reuse_err[g, layer, :, k - 1] += e
+            self.obs.reuse_calls[g, layer, k - 1] += 1
+        ends[g] = out  # the group's latest step so far; its last once the run moves on
+        for old in [x for x in ends if x < g - MAX_REUSE]:
+            del ends[old]

@@ -41,6 +41,7 @@ from .observe import CalibrationObserver, Observations
 from .select import BudgetError, Selection, _totals, select
 
 CHECKPOINT_FORMAT = "fastattn-calibration-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: reuse errors per distance (observe.MAX_REUSE)
 DEFAULT_BITS = ("none", "int8-fp8", "fp8")
 # the observation plan: every key of every query (text rows/columns dense), served by the kernel
 OBSERVE_METHOD = StripesConfig(key_ranges=((0.0, 1.0),))
@@ -187,13 +188,13 @@ def run_calibration(
             raise BudgetError(str(e)) from None
         if not quant_in_solve:
             sel.choice = B.lower_bits(options, sel, cs, bits, quant_tolerance, cost)
-            tot = _totals(options.problem, sel.choice, sel.dense_rows)
+            tot = _totals(options.problem, sel.choice, sel.reuse, sel.dense_rows)
             sel.work, sel.error, sel.time = tot["work"], tot["err"], tot["time"]
         return sel
 
     sel = choose()
     gains = None
-    base_err = options.problem.err.clone()
+    base_err, base_reuse = options.problem.err.clone(), options.problem.reuse_err.clone()
     for _ in range(sensitivity_rounds if sensitivity_prompts and (groups > 1 or sensitivity_layers) else 0):
         probe_prompts = list(enumerate(prompts))[: int(sensitivity_prompts)]
         g = _sensitivity(target, probe_prompts, steps, seed, options, sel, cs, bits, bounds, block_size, progress,
@@ -202,6 +203,7 @@ def run_calibration(
             break
         gains = g if gains is None else gains * g
         options.problem.err = base_err * gains[:, :, None, None]
+        options.problem.reuse_err = base_reuse * gains[:, :, None, None]
         sel = choose()
     plan = B.make_plan(options, sel, cs, bits, bounds, block_size)
     elapsed = time.perf_counter() - t_start
@@ -351,8 +353,9 @@ def _sensitivity(target, prompts, steps, seed, options, sel, cs, bits, bounds, b
 
     p = options.problem
     g_count, l_count = p.err.shape[:2]
-    chosen = torch.gather(p.err, 3, sel.choice[..., None])[..., 0]  # [G, L, H]
-    est = torch.where(sel.dense_rows[..., None], torch.zeros_like(chosen), chosen).sum(-1)
+    from .select import _quantities
+
+    est = _quantities(p, sel.choice, sel.reuse, sel.dense_rows)["err"].sum(-1)
     est = est * p.weights[:, None] / l_count  # [G, L]: each row's share of the estimated total
     probes = [("group", g) for g in range(g_count) if est[g].sum() > 0]
     if layers:
@@ -482,6 +485,11 @@ class _Checkpoint:
             raise CalibrationError(f"{state_file} is not a calibration checkpoint ({e.msg})") from None
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CalibrationError(f"{state_file} is not a fastattn calibration checkpoint")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CalibrationError(
+                f"checkpoint {self.dir} was written by another fastattn calibration version "
+                f"({state.get('version')}, this one reads {CHECKPOINT_VERSION}); use a new checkpoint_dir"
+            )
         diff = sorted(k for k in set(state["settings"]) | set(self.settings)
                       if state["settings"].get(k) != self.settings.get(k))  # fmt: skip
         if diff:
@@ -520,7 +528,7 @@ class _Checkpoint:
         save_file({k: v.contiguous() for k, v in obs.tensors().items()}, str(tmp))
         tmp.replace(self.dir / "observations.safetensors")
         state = {
-            "format": CHECKPOINT_FORMAT, "settings": self.settings, "done": done,
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": self.settings, "done": done,
             "candidates": [{"label": c.label, "family": c.family, "method": describe(c.method) if c.method else None,
                             "order": c.order, "reuse": c.reuse} for c in candidates],
             "layout": {"seq_len": layout.seq_len, "text_len": layout.text_len, "text_first": layout.text_first,

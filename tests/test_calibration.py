@@ -152,6 +152,10 @@ def test_calibrated_plan_beats_the_structural_window_at_equal_work(learned):
                      progress=False, **kw)  # fmt: skip
     cal, st_cal = final(enable(learned, plan=plan))
     assert st_cal["density"] <= work + 1e-6  # no more attention work than either rival
+    # every planned reuse found an output to reuse (one step per group: each reused entry is one head-call)
+    reused = int(plan.heads.reuse.sum()) if plan.heads.reuse is not None else 0
+    assert st_cal["head_reuses"] == reused * len(held)
+    assert not [n for n in st_cal["notes"] if "nothing cached" in n]
     e_cal = float(rel_l2(cal, dense))
     for name, (out, _) in rivals.items():
         assert e_cal < 0.9 * float(rel_l2(out, dense)), (name, e_cal, float(rel_l2(out, dense)))
@@ -184,6 +188,34 @@ def test_same_seed_same_plan_and_resume_after_interrupt(tiny, tmp_path):
     assert resumed.heads.methods == first.heads.methods
     with pytest.raises(CalibrationError, match="other calibration arguments.*prompts"):
         calibrate(tiny, [1, 2, 4], checkpoint_dir=ckpt, callback=lambda i, x: None, **args)
+
+
+def test_selection_meets_budgets_and_chains_reuse_at_most_max_reuse():
+    from fastattn.calibration.observe import MAX_REUSE
+    from fastattn.calibration.select import Problem, reuse_distance, select
+
+    g, l, h, k = 6, 2, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    err = torch.rand(g, l, h, k, generator=gen, dtype=torch.float64) * torch.tensor([0.0, 0.01, 0.05, 0.2])
+    work = torch.tensor([1.0, 0.5, 0.25, 0.1], dtype=torch.float64).expand(g, l, h, k).clone()
+    time = work * 1.1
+    reuse_err = torch.full((g, l, h, MAX_REUSE), 0.001, dtype=torch.float64)
+    reuse_err[0] = float("inf")  # nothing to reuse at the first group
+    p = Problem(err, work, time, torch.ones(g, l, h, k, dtype=torch.bool), reuse_err,
+                torch.full((g,), 1 / g, dtype=torch.float64), 0.0)  # fmt: skip
+    sel = select(p, target_density=0.2)
+    assert sel.work <= 0.2 + 1e-9
+    dist = reuse_distance(sel.reuse, sel.dense_rows)
+    assert (
+        int(dist.max()) == MAX_REUSE and not sel.reuse[0].any()
+    )  # cheap reuse is chained, never past the limit
+    # more budget never costs accuracy
+    assert select(p, target_density=0.5).error <= sel.error + 1e-12
+    with pytest.raises(BudgetError, match="cannot be met"):
+        select(
+            Problem(err, work, time, p.valid, torch.full_like(reuse_err, float("inf")), p.weights),
+            target_density=0.05,
+        )
 
 
 def test_error_budget_mode_trades_time_and_bits(tiny):
