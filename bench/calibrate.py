@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--costs-only", action="store_true", help="measure and write the cost table only")
     ap.add_argument("--configs", default=None,
                     help="JSON list of extra calibrate() keyword sets to compare (each is calibrated at every "
-                         "target), e.g. '[{\"sensitivity_layers\": true}]'")  # fmt: skip
+                         "target), e.g. '[{\"sensitivity_rounds\": 2}]'")  # fmt: skip
     ap.add_argument("--no-baselines", action="store_true", help="skip the structural / dynamic grid")
     ap.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
     ap.add_argument("--plans-dir", default=None, help="where the calibrated plans go (default <out>/plans)")
@@ -245,11 +245,12 @@ def main(argv=None) -> int:
                                   frames=frames, size=size, cost_table=cost, progress=False, **extra)  # fmt: skip
             calib_s = time.perf_counter() - t0
             name = f"testbed-calibrated-{target:g}" + (f"-{len(plans)}" if extra else "")
-            res.save(Path(args.plans_dir or base / "plans") / name)
+            # plan.json + plan.safetensors only (the report's summary and layers go into the JSON below)
+            res.plan.save(Path(args.plans_dir or base / "plans") / name, res.meta)
             row = {"config": name, "target_work": target, "calibrate_kwargs": extra, "calibration_seconds": calib_s,
                    "expected_work": res.report["summary"]["expected_work"],
                    "estimated_error": res.report["summary"]["estimated_error"],
-                   "families": res.report["summary"]["families"], "sensitivity": res.report["summary"]["sensitivity"]}  # fmt: skip
+                   "report_summary": res.report["summary"], "per_layer": res.report["per_layer"]}  # fmt: skip
             row.update(score(runner, enable(model, plan=res.plan)))
             row["speedup_vs_dense"] = runner.dense_s / row["seconds"]
             rows.append(row)

@@ -304,6 +304,55 @@ def test_tiny_diffusers_pipeline_end_to_end(tmp_path):
         fastattn.calibrate(transformer, [prompt], target_density=0.5)
 
 
+# ------------------------------------------------------------------------------------------ Hub
+
+
+def test_calibrated_testbed_plan_round_trips_through_the_hub(tiny, tmp_path, monkeypatch):
+    """The shipped calibrated testbed plan (presets/plans/testbed-calibrated-*) when there is one, else a
+    fresh one: pushed to a local Hub, pulled back through hf://, the same plan and meta."""
+    import importlib.util
+    from pathlib import Path
+
+    from fastattn.plans.files import shipped_plans
+    from huggingface_hub import constants
+
+    spec = importlib.util.spec_from_file_location(
+        "fastattn_test_hub_server", Path(__file__).with_name("hub_server.py")
+    )
+    hub_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub_server)
+    shipped = [p for p in shipped_plans() if p.name.startswith("testbed-calibrated")]
+    if shipped:
+        loaded = load_plan(shipped[0])
+        plan, meta = loaded.plan, loaded.meta
+    else:
+        res = run_calibration(tiny, [1], target_density=0.5, **FAST, **TINY)
+        plan, meta = res.plan, res.meta
+    server = hub_server.HubServer().start()
+    try:
+        cache = str(tmp_path / "hf-cache")
+        for k, v in {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": cache, "HF_HUB_DISABLE_XET": "1",
+                     "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": "hf_test_token"}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        address = plan.push_to_hub("org/calibrated", subdir="testbed", meta=meta)
+        back = load_plan(address, fingerprint=meta.model)
+    finally:
+        server.stop()
+    assert back.meta.creator == "fastattn.calibrate" and back.meta.layout == meta.layout
+    for name in ("method_index", "order_index", "quant_index", "reuse"):
+        a, b = getattr(plan.heads, name), getattr(back.plan.heads, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert back.plan.heads.methods == plan.heads.methods
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -327,3 +376,17 @@ def test_cli_calibrates_the_testbed_and_refuses_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_calibrate_tiny_writes_its_json(tmp_path):
+    import json
+
+    from fastattn.bench import calibrate as bench
+
+    assert bench.main(["--tiny", "--targets", "0.3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "calibrate-tiny.json").read_text())
+    row = data["calibrated"][0]
+    assert row["attention_density"] <= 0.3 + 1e-6 and row["calibration_seconds"] > 0
+    assert data["summary"]["work<=0.3"]["calibrated_psnr"] == row["psnr"]
+    assert json.loads((tmp_path / "calibrate-costs-tiny.json").read_text())["format"] == "fastattn-cost-table"
+    assert load_plan(tmp_path / "plans" / "testbed-calibrated-0.3").meta.creator == "fastattn.calibrate"
