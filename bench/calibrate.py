@@ -121,6 +121,70 @@ def measure_costs(device: str, tiny: bool) -> dict:
     }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ real shapes
+
+
+def real_shapes(heads: list[dict], device: str, tiny: bool) -> list[dict]:
+    """A calibrated-shaped plan at real video geometry, timed against cuDNN dense and the structural window.
+
+    Per-head densities and axis orders are drawn (evenly spaced quantiles, deterministic) from the window heads
+    of a calibrated testbed plan (``heads``: its report rows), each rebuilt as a 3-D window of that density in
+    that order on the target layout; the structural rival is the unreordered window at the same mean density.
+    Kernel time only (one attention call, all heads): does reordering pay for itself at these shapes?
+    """
+    from fastattn.attn_kernels import sparse_attention
+    from fastattn.masks import BlockMask, TokenLayout, head_permutations
+    from fastattn.plans.methods import Window3DConfig, build_mask
+    from triton.testing import do_bench
+
+    drawn = sorted((round(r["density"] * 20) / 20, r["choice"].split()[-1]) for r in heads
+                   if r["choice"].startswith("window3d") and r["density"] > 0)  # fmt: skip
+    if not drawn:
+        return [{"error": "the calibrated plan has no window heads to draw from"}]
+    if tiny:
+        shapes, block, d, rep = {"tiny_video": (4, TokenLayout.video(4, 8, 8))}, 32, 64, 1
+    else:
+        shapes = {"wan1.3b_480p_81f": (12, TokenLayout.video(21, 30, 52)),
+                  "hunyuan_720p_129f": (24, TokenLayout.video(33, 45, 80))}  # fmt: skip
+        block, d, rep = 128, 128, 100
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def bench(fn):
+        if device != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return float(do_bench(fn, warmup=5, rep=rep, return_mode="median"))
+
+    out = []
+    for name, (heads_n, layout) in shapes.items():
+        picks = [drawn[round(i * (len(drawn) - 1) / max(heads_n - 1, 1))] for i in range(heads_n)]
+        masks = {}
+        for dens, order in set(picks):
+            cfg = Window3DConfig(density=max(dens, 0.05), order=order, clamp_density=True)
+            masks[(dens, order)] = build_mask(cfg, layout, block)
+        per_head = BlockMask.stack_heads([masks[p] for p in picks])
+        perm = head_permutations(layout, [o for _, o in picks]).to(device)
+        mean = per_head.block_density()
+        flat = build_mask(Window3DConfig(density=mean, clamp_density=True), layout, block)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (
+            torch.randn(1, heads_n, layout.seq_len, d, generator=g).to(device, dtype) for _ in range(3)
+        )
+        dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        ours_ms = bench(lambda: sparse_attention(q, k, v, per_head, perm=perm))
+        flat_ms = bench(lambda: sparse_attention(q, k, v, flat))
+        out.append({"shape": name, "heads": heads_n, "seq_len": layout.seq_len, "grid": list(layout.grid),
+                    "per_head": [{"density": dd, "order": o} for dd, o in picks], "mean_block_density": mean,
+                    "structural_block_density": flat.block_density(), "cudnn_dense_ms": dense_ms,
+                    "calibrated_shaped_ms": ours_ms, "structural_ms": flat_ms,
+                    "calibrated_vs_dense": dense_ms / ours_ms, "structural_vs_dense": dense_ms / flat_ms,
+                    "reordering_pays": ours_ms <= flat_ms * (mean / max(flat.block_density(), 1e-9)) * 1.02})  # fmt: skip
+        print(f"{name}: calibrated-shaped {dense_ms / ours_ms:.2f}x dense, structural {dense_ms / flat_ms:.2f}x "
+              f"(block density {mean:.3f} / {flat.block_density():.3f})", flush=True)  # fmt: skip
+    return out
+
+
 # ------------------------------------------------------------------------------------------ scoring
 
 
@@ -169,6 +233,11 @@ def main(argv=None) -> int:
                     help="JSON list of extra calibrate() keyword sets to compare (each is calibrated at every "
                          "target), e.g. '[{\"sensitivity_rounds\": 2}]'")  # fmt: skip
     ap.add_argument("--no-baselines", action="store_true", help="skip the structural / dynamic grid")
+    ap.add_argument("--no-real-shapes", action="store_true",
+                    help="skip timing a calibrated-shaped plan at Wan-1.3B 480p / HunyuanVideo 720p geometry")  # fmt: skip
+    ap.add_argument("--real-shapes-from", default=None, metavar="JSON",
+                    help="only time the calibrated-shaped plan, drawn from this earlier calibrate-<gpu>.json; "
+                         "writes calibrate-real-shapes-<gpu>.json")  # fmt: skip
     ap.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
     ap.add_argument("--plans-dir", default=None, help="where the calibrated plans go (default <out>/plans)")
     args = ap.parse_args(argv)
@@ -195,6 +264,15 @@ def main(argv=None) -> int:
     tag = "tiny" if args.tiny else _versions()["device"].lower().replace(" ", "_")
     t_start = time.time()
 
+    if args.real_shapes_from:
+        earlier = json.loads(Path(args.real_shapes_from).read_text())
+        first = next(r for r in earlier["calibrated"] if not r["calibrate_kwargs"])
+        shaped = real_shapes(first["heads"], device, args.tiny)
+        path = base / f"calibrate-real-shapes-{tag}.json"
+        path.write_text(json.dumps({"bench": "calibrate-real-shapes", **_versions(), "drawn_from": first["config"],
+                                    "real_shapes": shaped}, indent=1))  # fmt: skip
+        print(f"wrote {path}")
+        return 0
     if args.cost_table:
         cost = CostModel.load(args.cost_table)
         cost_record = {"loaded": args.cost_table}
@@ -250,7 +328,8 @@ def main(argv=None) -> int:
             row = {"config": name, "target_work": target, "calibrate_kwargs": extra, "calibration_seconds": calib_s,
                    "expected_work": res.report["summary"]["expected_work"],
                    "estimated_error": res.report["summary"]["estimated_error"],
-                   "report_summary": res.report["summary"], "per_layer": res.report["per_layer"]}  # fmt: skip
+                   "report_summary": res.report["summary"], "per_layer": res.report["per_layer"],
+                   "heads": res.report["heads"]}  # fmt: skip
             row.update(score(runner, enable(model, plan=res.plan)))
             row["speedup_vs_dense"] = runner.dense_s / row["seconds"]
             rows.append(row)
@@ -272,6 +351,10 @@ def main(argv=None) -> int:
             baselines.append(r)
             partial(calibrated=rows, baselines=baselines)
             print(f"baseline {cfg}: work {r['attention_density']:.3f} PSNR {r['psnr']:.2f}", flush=True)
+    shaped = []
+    if rows and not args.no_real_shapes:
+        first = next((r for r in rows if not r["calibrate_kwargs"]), rows[0])
+        shaped = real_shapes(first["heads"], device, args.tiny)
     summary = {}
     for target in args.targets:
         ours = [r for r in rows if r["target_work"] == target and not r["calibrate_kwargs"]]
@@ -298,7 +381,7 @@ def main(argv=None) -> int:
                         "attention_density = computed / total attention work over all calls (the runtime's stats); "
                         "wall-clock: the held-out sampling time, dense / plan, in the same run",
         "dense_seconds": runner.dense_s, "cost_table": cost_record, "summary": summary, "calibrated": rows,
-        "baselines": baselines, "plans": plans, "elapsed_s": round(time.time() - t_start, 1),
+        "baselines": baselines, "real_shapes": shaped, "plans": plans, "elapsed_s": round(time.time() - t_start, 1),
     }  # fmt: skip
     out.write_text(json.dumps(record, indent=1))
     print(json.dumps(summary, indent=1))
