@@ -13,7 +13,8 @@ weights cast per layer by ``comfy.ops.manual_cast``):
 
 Per encoder and prompt length: ms per encode (median of ``--reps`` after warm-up; CUDA synchronised) without the
 cache and with it at 8 and 4 bits, the prefix build time, the cached K/V bytes vs bf16, and the relative L2
-difference of the conditioning from the uncached encode (random weights: this measures speed, not quality). The
+difference of the conditioning from the uncached encode, also with the template unquantized (random weights:
+this measures speed, not quality; ``FASTATTN_BENCH_LENGTHS`` picks the prompt lengths). The
 cache is installed as the node installs it, as the core's ``forward`` (here directly on the module: no CLIP).
 
     COMFYUI_DIR=/path/to/ComfyUI python bench/comfyui_text_encoder.py          # GPU -> $OUT or bench/results/
@@ -43,7 +44,7 @@ HV_TEMPLATE_TOKENS = 95  # ComfyUI's HunyuanVideo template (hunyuan_video.py say
 PROMPT_WORDS = (
     "a red fox trotting through fresh snow at sunrise soft golden light cinematic wide shot".split()
 )
-LENGTHS = (16, 64, 192)
+LENGTHS = tuple(int(n) for n in os.environ.get("FASTATTN_BENCH_LENGTHS", "16,64,192").split(","))
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 2,
         "num_key_value_heads": 1}  # fmt: skip
 
@@ -157,6 +158,15 @@ def main(argv=None) -> int:
             ref, ms_off = timed(encode, device, 2, args.reps)
             rec = {"encoder": name, "template_tokens": len(template), "prompt_tokens": len(tokens[0]) - len(template),
                    "ms_uncached": round(ms_off, 3), "gpu": gpu, "torch": torch.__version__}  # fmt: skip
+            # the template kept unquantized: how far the cache's own computation is from the encoder's
+            adapter = PrefixCachedForward(core, template, 8, FrozenPrefixKV)
+            adapter.mode = "exact"
+            core.forward = adapter
+            exact = encode()
+            core.__dict__.pop("forward", None)
+            rec["rel_l2_unquantized"] = float(
+                (exact[0].float() - ref[0].float()).norm() / ref[0].float().norm()
+            )
             for bits in (8, 4):
                 adapter = PrefixCachedForward(core, template, bits, FrozenPrefixKV)
                 core.forward = adapter
