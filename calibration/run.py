@@ -127,7 +127,6 @@ def run_calibration(
     checkpoint_dir=None,
     sensitivity_prompts: int = 1,
     sensitivity_rounds: int = 1,
-    sensitivity_layers: bool = False,
     progress: bool = True,
     on_progress=None,
     **run_kwargs,
@@ -195,10 +194,11 @@ def run_calibration(
     sel = choose()
     gains = None
     base_err, base_reuse = options.problem.err.clone(), options.problem.reuse_err.clone()
-    for _ in range(sensitivity_rounds if sensitivity_prompts and (groups > 1 or sensitivity_layers) else 0):
+    for _ in range(sensitivity_rounds if sensitivity_prompts and groups > 1 else 0):
         probe_prompts = list(enumerate(prompts))[: int(sensitivity_prompts)]
-        g = _sensitivity(target, probe_prompts, steps, seed, options, sel, cs, bits, bounds, block_size, progress,
-                         layers=sensitivity_layers)  # fmt: skip
+        g = _sensitivity(
+            target, probe_prompts, steps, seed, options, sel, cs, bits, bounds, block_size, progress
+        )
         if g is None:
             break
         gains = g if gains is None else gains * g
@@ -212,8 +212,8 @@ def run_calibration(
 
     report = build_report(options, sel, cs, total_obs, bits, layout, settings, cost, elapsed,
                           target_density=target_density, error_budget=error_budget)  # fmt: skip
-    report["summary"]["sensitivity"] = (
-        None if gains is None else [[round(float(x), 4) for x in row] for row in gains]
+    report["summary"]["step_sensitivity"] = (
+        None if gains is None else [round(float(x), 4) for x in gains[:, 0]]
     )
     quant_bits = {"none": 16, "int8": 8, "int8-fp8": 8, "fp8": 8, "int4": 4, "int4-fp8": 4}
     meta = PlanMeta(
@@ -263,6 +263,8 @@ def calibrate(
             to a lower bit-width when that adds at most this much to its error; default 1e-4), ``block_size``
             (128), ``rows_per_block`` (sampled query rows per query block, 8), ``cost_table`` (a JSON path or
             :class:`~fastattn.calibration.costs.CostModel`), ``checkpoint_dir`` (resumable observations),
+            ``sensitivity_prompts`` (prompts run to measure how much each step group's error costs in the final
+            output, default 1; 0: off) and ``sensitivity_rounds`` (re-measure after re-selecting, default 1),
             ``progress`` (tqdm bar), ``on_progress(done, total)``; anything else goes to every run (e.g.
             ``height=``, ``num_frames=``, ``guidance_scale=``; testbed: ``frames=``, ``size=``).
 
@@ -337,72 +339,79 @@ def _observe(target, prompts, steps, seed, observer, ckpt, progress, on_progress
     return total
 
 
-def _sensitivity(target, prompts, steps, seed, options, sel, cs, bits, bounds, block_size, progress,
-                 layers: bool) -> torch.Tensor | None:  # fmt: skip
-    """How much a unit of estimated attention error costs in the final output, per step group (and layer).
+def _sensitivity(target, prompts, steps, seed, options, sel, cs, bits, bounds, block_size, progress):
+    """How much a unit of estimated attention error costs in the final output, per step group.
 
     Early steps fix the layout of the picture: an attention error there is carried through every later
     step, one at the end is not. The observations cannot see that, so the selected plan is run with only
-    one step group's rows sparse (the rest exact), for each group, and the final output's relative squared
-    error against the exact run is divided by what the observations estimated for that group. With
-    ``layers`` the same is done per layer, and the two are combined as ``gain[g, l] = a_g * b_l`` (fitted
-    to both sets of runs). Returns ``[G, L]`` gains with weighted mean 1, or None when the host returns no
-    output to compare.
+    one step group as chosen (the rest exact, see :func:`_probe`), for each group, and the final output's
+    relative squared error against the exact run is divided by what the observations estimated for that
+    probe. Returns ``[G, 1]`` gains with weighted mean 1, or None when the host returns no output to compare.
     """
-    import dataclasses as dc
+    from .select import _quantities
 
     p = options.problem
     g_count, l_count = p.err.shape[:2]
-    from .select import _quantities
 
-    est = _quantities(p, sel.choice, sel.reuse, sel.dense_rows)["err"].sum(-1)
-    est = est * p.weights[:, None] / l_count  # [G, L]: each row's share of the estimated total
-    probes = [("group", g) for g in range(g_count) if est[g].sum() > 0]
-    if layers:
-        probes += [("layer", li) for li in range(l_count) if est[:, li].sum() > 0]
-    measured = {k: 0.0 for k in probes}
-    bar = _bar(len(probes) * len(prompts), 0, progress, "calibrating: sensitivity")
+    def estimate(s) -> float:
+        err = _quantities(p, s.choice, s.reuse, s.dense_rows)["err"].sum(-1)
+        return float((err * p.weights[:, None]).sum() / l_count)
+
+    probes = {}
+    for g in range(g_count):
+        probe = _probe(sel, options, g)
+        est = estimate(probe)
+        if est > 0:
+            probes[g] = (probe, est)
+    measured = dict.fromkeys(probes, 0.0)
+    bar = _bar(len(probes) * len(prompts), 0, progress, "calibrating: step sensitivity")
     for i, prompt in prompts:
         ref = target.run(prompt, steps, seed + i)  # the model's own attention: nothing enabled
         if ref is None:
             bar.close()
             return None
-        for kind, j in probes:
-            only = torch.ones_like(sel.dense_rows)
-            if kind == "group":
-                only[j] = sel.dense_rows[j]
-            else:
-                only[:, j] = sel.dense_rows[:, j]
-            plan = B.make_plan(options, dc.replace(sel, dense_rows=only), cs, bits, bounds, block_size)
+        for g, (probe, _) in probes.items():
+            plan = B.make_plan(options, probe, cs, bits, bounds, block_size)
             handle = target.enable(plan)
             try:
                 out = target.run(prompt, steps, seed + i)
             finally:
                 handle.disable()
             err = (out.double() - ref.double()).pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30)
-            measured[(kind, j)] += float(err) / len(prompts)
+            measured[g] += float(err) / len(prompts)
             bar.update(1)
     bar.close()
     if not probes:
         return None
-    a = torch.ones(g_count, dtype=torch.float64)
-    b = torch.ones(l_count, dtype=torch.float64)
-    for _ in range(20 if layers else 1):  # alternate: each axis' gains given the other's
-        for g in range(g_count):
-            e = float((est[g] * b).sum())
-            if ("group", g) in measured and e > 0:
-                a[g] = measured[("group", g)] / e
-        if not layers:
-            break
-        for li in range(l_count):
-            e = float((est[:, li] * a).sum())
-            if ("layer", li) in measured and e > 0:
-                b[li] = measured[("layer", li)] / e
-    _fill_unmeasured(a, [j for k, j in probes if k == "group"])
-    if layers:
-        _fill_unmeasured(b, [j for k, j in probes if k == "layer"])
-    gains = (a[:, None] * b[None, :]).clamp_min(1e-6)
-    return gains / float((gains * p.weights[:, None]).sum() / l_count)
+    gains = torch.ones(g_count, dtype=torch.float64)
+    for g, (_, est) in probes.items():
+        gains[g] = measured[g] / est
+    _fill_unmeasured(gains, list(probes))
+    gains = gains.clamp_min(1e-6)
+    gains = gains / float((gains * p.weights).sum())
+    return gains[:, None]
+
+
+def _probe(sel, options, g: int):
+    """The selection with only step group ``g`` as chosen and every other group exact.
+
+    A head that reuses in ``g`` keeps its whole chain: the groups it reused before ``g`` still reuse (their
+    other heads run exact through the kernel), so it returns the output it would return in the full plan.
+    """
+    exact = torch.ones_like(sel.dense_rows)
+    reuse = torch.zeros_like(sel.reuse)
+    choice = sel.choice.clone()
+    exact[g], reuse[g] = sel.dense_rows[g], sel.reuse[g]
+    dist = sel.reuse_distance()
+    dense_option = options.pairs.index((0, 0))  # candidate 0 is dense, bit-width 0 is 16-bit
+    for layer, h in (reuse[g] & (dist[g] > 1)).nonzero().tolist():
+        for back in range(1, int(dist[g, layer, h])):
+            row = g - back
+            if exact[row, layer]:
+                exact[row, layer] = False
+                choice[row, layer] = dense_option
+            reuse[row, layer, h] = True
+    return dataclasses.replace(sel, choice=choice, reuse=reuse, dense_rows=exact)
 
 
 def _fill_unmeasured(x: torch.Tensor, measured: list[int]) -> None:
