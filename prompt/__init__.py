@@ -27,12 +27,38 @@ def _local_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def _locate(path: str) -> tuple[str, dict]:
+    """The directory to read ``path`` from and the ``from_pretrained`` keywords (``gguf_file``) it needs."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no local model at {path!r}: expected a model directory or a .gguf file")
+    if path.endswith(".gguf"):
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path, {}
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"{path!r} has neither config.json nor a .gguf file")
+    return path, {"gguf_file": ggufs[0]}
+
+
+def _read(directory: str, kwargs: dict, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
+    return model, tok
+
+
+def read_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` read from ``path`` as :func:`load_causal_lm` reads it, but not kept: the caller owns
+    it (the ComfyUI node hands it to ComfyUI's memory management)."""
+    return _read(*_locate(_local_path(path)), dtype)
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, max_loaded: int = 1):
     """``(model, tokenizer)`` from a local directory (transformers layout, or one holding a ``.gguf``) or a
     ``.gguf`` file. Loaded models are kept for the next call, at most ``max_loaded`` of them (the least recently
     used goes first); :func:`unload_causal_lm` frees them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
         raise ValueError(f"max_loaded must be a positive int (models kept loaded), got {max_loaded!r}")
     path = _local_path(path)
@@ -40,26 +66,14 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, max_loaded: in
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no local model at {path!r}: expected a model directory or a .gguf file")
-    kwargs = {}
-    directory = path
-    if path.endswith(".gguf"):
-        directory, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
-    elif not os.path.exists(os.path.join(path, "config.json")):
-        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-        if not ggufs:
-            raise FileNotFoundError(f"{path!r} has neither config.json nor a .gguf file")
-        kwargs["gguf_file"] = ggufs[0]
+    located = _locate(path)
     # Make room first: the old models go before the new one is read, so peak memory is one model, not two.
     if len(_LOADED) >= max_loaded:
         while len(_LOADED) >= max_loaded:
             _LOADED.popitem(last=False)
         gc.collect()
-    tok = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).eval()
-    _LOADED[key] = (model, tok)
-    return model, tok
+    _LOADED[key] = _read(*located, dtype)
+    return _LOADED[key]
 
 
 def loaded_causal_lms() -> list[str]:
@@ -140,4 +154,6 @@ def enhance(
     return text
 
 
-__all__ = ["DEFAULT_INSTRUCTION", "enhance", "load_causal_lm", "loaded_causal_lms", "unload_causal_lm"]
+__all__ = [
+    "DEFAULT_INSTRUCTION", "enhance", "load_causal_lm", "loaded_causal_lms", "read_causal_lm", "unload_causal_lm",
+]  # fmt: skip

@@ -216,9 +216,9 @@ def test_comfyui_startup_loader_registers_the_pack(probe, host):
 def test_input_types_are_valid_comfyui_inputs(probe):
     assert "input_types_error" not in probe, probe.get("input_types_error")
     inputs = probe["inputs"]
-    assert set(inputs) == {"prompt", "model_path", "max_new_tokens", "kv_bits", "instruction"}
+    assert set(inputs) == {"prompt", "model_path", "max_new_tokens", "kv_bits", "instruction", "keep_loaded"}
     for name, (typ, category, options) in inputs.items():
-        assert category == ("optional" if name == "instruction" else "required")
+        assert category == ("optional" if name in ("instruction", "keep_loaded") else "required")
         if isinstance(typ, list):  # a COMBO: a list of string choices
             assert typ and all(isinstance(c, str) for c in typ), name
         else:
@@ -227,6 +227,7 @@ def test_input_types_are_valid_comfyui_inputs(probe):
         assert set(options) - v3_keys <= set(probe["widget_options"]), f"{name}: unknown widget options {options}"
     assert inputs["prompt"][0] == inputs["model_path"][0] == inputs["instruction"][0] == "STRING"
     assert inputs["max_new_tokens"][0] == "INT"
+    assert inputs["keep_loaded"][0] == "BOOLEAN" and inputs["keep_loaded"][2]["default"] is True
     assert inputs["kv_bits"][0] == "COMBO" and inputs["kv_bits"][2]["options"] == ["4", "8", "2"]  # V3 combo
     lo, hi, default = (inputs["max_new_tokens"][2][k] for k in ("min", "max", "default"))
     assert lo <= default <= hi

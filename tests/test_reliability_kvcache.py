@@ -229,56 +229,264 @@ def test_load_causal_lm_keeps_a_bounded_number_and_unloads(lm_dirs, no_loaded_lm
 
 
 def test_prompt_enhancer_node_frees_its_model(lm_dirs, no_loaded_lms, monkeypatch):
+    """Outside ComfyUI the node keeps its LM with fastattn.prompt's cache (keep_loaded off: dropped after the run)."""
     from fastattn.nodes.prompt_enhancer import enhance_prompt
 
+    for name in ("comfy.model_management", "comfy.model_patcher", "comfy.patcher_extension"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     prompt = no_loaded_lms
     a, b = lm_dirs
     text = enhance_prompt("w1 w2", a, max_new_tokens=3, kv_bits="8", keep_loaded=False)
     assert isinstance(text, str) and prompt.loaded_causal_lms() == []
+    enhance_prompt("w1 w2", b, max_new_tokens=3, kv_bits="8")  # keep_loaded on (the default)
+    assert prompt.loaded_causal_lms() == [b]
 
-    # Inside ComfyUI: "Unload Models" / "Free model and node cache" (POST /free), an out-of-memory error, and
-    # --disable-smart-memory after each prompt all call comfy.model_management.unload_all_models().
-    host_calls = []
+
+# ---------------------------------------------------------------- fakes of ComfyUI's memory management contract
+# Written from the contract, not from ComfyUI's code: a ModelPatcher holds ``model`` with its ``load_device`` and
+# ``offload_device``, takes keyed callbacks, and ``detach()`` moves the model to the offload device and then runs
+# the ON_DETACH callbacks ``(patcher, unpatch_all)``; a collected patcher detaches itself too.
+# ``load_models_gpu`` puts each patcher's model on its load device and lists it as loaded, holding the patcher only
+# weakly; an entry whose model is collected is dropped from the list right then (a finalizer), and
+# ``unload_all_models`` walks the list by index, detaching each model, then removes what it unloaded.
+
+ON_DETACH = "on_detach_after"
+
+
+class FakeModelPatcher:
+    def __init__(self, model, load_device, offload_device):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.callbacks: dict = {}
+
+    def add_callback_with_key(self, call_type, key, callback):
+        self.callbacks.setdefault(call_type, {}).setdefault(key, []).append(callback)
+
+    def detach(self, unpatch_all=True):
+        if unpatch_all:
+            self.model.to(self.offload_device)
+        for callbacks in list(self.callbacks.get(ON_DETACH, {}).values()):
+            for callback in callbacks:
+                callback(self, unpatch_all)
+        return self.model
+
+    def __del__(self):
+        self.detach(unpatch_all=False)
+
+
+class _Loaded:
+    def __init__(self, patcher, host):
+        self.patcher, self.module = weakref.ref(patcher), weakref.ref(patcher.model)
+        self.finalizer = weakref.finalize(patcher.model, host.drop_collected)
+
+
+def fake_comfy(monkeypatch):
+    """Installs fake comfy.model_management / model_patcher / patcher_extension modules; returns the first."""
     mm = types.ModuleType("comfy.model_management")
-    mm.unload_all_models = lambda: host_calls.append("host")
+    mm.current_loaded_models, mm.load_calls = [], []
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.text_encoder_offload_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda force=False: None
+
+    def drop_collected():
+        mm.current_loaded_models[:] = [e for e in mm.current_loaded_models if e.module() is not None]
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):  # fmt: skip
+        mm.load_calls += [(weakref.ref(p), p.load_device, force_full_load) for p in models]
+        for patcher in models:
+            if not any(e.patcher() is patcher for e in mm.current_loaded_models):
+                patcher.model.to(patcher.load_device)
+                mm.current_loaded_models.insert(0, _Loaded(patcher, mm))
+
+    def unload_all_models():
+        unloaded = []
+        for i in range(len(mm.current_loaded_models)):
+            entry = mm.current_loaded_models[i]
+            entry.patcher().detach()
+            entry.finalizer.detach()
+            unloaded.append(i)
+        for i in sorted(unloaded, reverse=True):
+            mm.current_loaded_models.pop(i)
+
+    mm.drop_collected, mm.load_models_gpu, mm.unload_all_models = (drop_collected, load_models_gpu,
+                                                                   unload_all_models)  # fmt: skip
+    mp = types.ModuleType("comfy.model_patcher")
+    mp.ModelPatcher = FakeModelPatcher
+    ext = types.ModuleType("comfy.patcher_extension")
+    ext.CallbacksMP = types.SimpleNamespace(ON_DETACH=ON_DETACH)
+    for name, module in (("comfy.model_management", mm), ("comfy.model_patcher", mp),
+                         ("comfy.patcher_extension", ext)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    return mm
+
+
+def _loaded_lms(mm) -> list:
+    return [e.patcher().model for e in mm.current_loaded_models if e.patcher() is not None]
+
+
+def test_prompt_enhancer_node_lets_comfyui_manage_its_lm(lm_dirs, no_loaded_lms, monkeypatch):
+    """Inside ComfyUI the LM is a ModelPatcher loaded with load_models_gpu: ComfyUI's unload_all_models ("Unload
+    Models", POST /free, an out-of-memory error, --disable-smart-memory) releases it; nothing of ComfyUI is
+    replaced, and fastattn.prompt's own cache is not used."""
+    from fastattn.nodes.prompt_enhancer import enhance_prompt
+
+    prompt = no_loaded_lms
+    a, b = lm_dirs
+    plain = prompt.enhance("w1 w2", model=a, max_new_tokens=3, bits=8)
+    prompt.unload_causal_lm()
+    mm = fake_comfy(monkeypatch)
     original = mm.unload_all_models
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    enhance_prompt("w1 w2", b, max_new_tokens=3, kv_bits="8")  # keep_loaded=True by default
-    assert prompt.loaded_causal_lms() == [b] and mm.unload_all_models is not original
+    assert enhance_prompt("w1 w2", a, max_new_tokens=3, kv_bits="8", keep_loaded=False) == plain
+    # Loaded through ComfyUI, whole (plain torch layers cannot run with part of their weights elsewhere) ...
+    ((patcher_alive, load_device, full),) = mm.load_calls
+    assert full is True and load_device == mm.get_torch_device()
+    assert patcher_alive() is None and mm.current_loaded_models == []  # ... then let go: nothing listed
+    assert prompt.loaded_causal_lms() == []  # and fastattn.prompt's own cache was not used
+
+    assert enhance_prompt("w1 w2", a, max_new_tokens=3, kv_bits="8") == plain  # keep_loaded on
+    (module,) = _loaded_lms(mm)
+    lm_alive = weakref.ref(module.lm)
+    assert type(module).__name__ == "PromptEnhancerLM" and prompt.loaded_causal_lms() == []
+    enhance_prompt("w1 w2", a, max_new_tokens=3, kv_bits="8")  # kept: loaded through ComfyUI, not read again
+    assert _loaded_lms(mm) == [module] and len(mm.load_calls) == 3 and mm.load_calls[2][0]().model is module
+    del module
     mm.unload_all_models()
-    assert host_calls == ["host"] and prompt.loaded_causal_lms() == []  # ComfyUI's own unload ran, then ours
-    assert mm.unload_all_models is original  # and the host's function is back as it was
+    gc.collect()
+    assert lm_alive() is None and mm.current_loaded_models == []  # released by ComfyUI's own unload
+    assert mm.unload_all_models is original  # and nothing of ComfyUI was replaced
+
+    enhance_prompt("w1 w2", a, max_new_tokens=3, kv_bits="8")  # read again after the unload
+    (module,) = _loaded_lms(mm)
+    lm_alive = weakref.ref(module.lm)
+    del module
+    enhance_prompt("w1 w2", b, max_new_tokens=3, kv_bits="8")  # one LM at a time: a goes
+    gc.collect()
+    assert lm_alive() is None and [m.path for m in _loaded_lms(mm)] == [b]
+    mm.unload_all_models()
+    assert mm.current_loaded_models == [] and mm.unload_all_models is original
+    enhance_prompt("w1 w2", b, max_new_tokens=3, kv_bits="8", keep_loaded=False)  # read again, then let go
+    assert mm.current_loaded_models == [] and prompt.loaded_causal_lms() == []
+
+
+# A test-only node for the real host (written into the temporary custom_nodes, never part of the pack): it reports
+# what ComfyUI's memory manager lists as loaded, whether a causal LM is still alive anywhere in the server process
+# (weak references to the ones it saw loaded, and a scan of live objects), and whether
+# comfy.model_management.unload_all_models is still ComfyUI's own function.
+_PROBE_NODE = """
+import gc, json, os, warnings, weakref
+
+import comfy.model_management as mm
+from transformers import GenerationMixin  # causal LMs (not their inner base models)
+
+ORIGINAL_UNLOAD = mm.unload_all_models  # at import: before any prompt ran
+_seen = []  # weak references to the causal LMs seen loaded by ComfyUI
+
+
+def _defined_in_comfy(fn):
+    code = getattr(fn, "__code__", None)
+    return code is not None and os.path.realpath(code.co_filename) == os.path.realpath(mm.__file__)
+
+
+class FastAttnTestMemoryProbe:
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""})}, "optional": {"after": ("STRING", {"forceInput": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def probe(self, tag, after=None):
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+            warnings.simplefilter("ignore")
+            live_lms = sum(isinstance(o, GenerationMixin) for o in gc.get_objects())
+        loaded = []
+        for entry in mm.current_loaded_models:
+            patcher = entry.model
+            if patcher is None:
+                continue
+            loaded.append({"module": type(patcher.model).__name__, "device": str(entry.device),
+                           "load_device": str(patcher.load_device), "offload_device": str(patcher.offload_device)})
+            for m in patcher.model.modules():
+                if isinstance(m, GenerationMixin) and not any(r() is m for r in _seen):
+                    _seen.append(weakref.ref(m))
+        report = {
+            "tag": tag,
+            "loaded": loaded,
+            "seen": len(_seen),
+            "seen_alive": sum(r() is not None for r in _seen),
+            "live_lms": live_lms,
+            "unload_is_original": mm.unload_all_models is ORIGINAL_UNLOAD and _defined_in_comfy(mm.unload_all_models),
+            "torch_device": str(mm.get_torch_device()),
+        }
+        return {"ui": {"text": [json.dumps(report)]}}
+
+
+NODE_CLASS_MAPPINGS = {"FastAttnTestMemoryProbe": FastAttnTestMemoryProbe}
+"""
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="real-host ComfyUI test: set COMFYUI_DIR")
 def test_real_comfyui_unload_models_frees_the_enhancer_lm(lm_dirs, tmp_path):
-    """ComfyUI's own "Unload Models" request (``POST /free``) frees the LM the node keeps (ComfyUI's log says so)."""
+    """The Prompt Enhancer's LM is one of ComfyUI's loaded models: listed by its memory manager while kept,
+    released (no live reference left in the server) by ComfyUI's own "Unload Models" request (``POST /free``),
+    and no ComfyUI function is replaced on the way. With keep_loaded off nothing stays after the run."""
+    import json
+
     spec = importlib.util.spec_from_file_location("_fa_comfy_host", Path(__file__).with_name("comfy_host.py"))
     comfy_host = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(comfy_host)
-    server = comfy_host.ComfyServer(
-        comfy_host.make_base(tmp_path), ready_path="/object_info/FastAttnPromptEnhancer"
-    )
+    host = comfy_host.make_base(tmp_path)
+    probe_dir = Path(host["base"]) / "custom_nodes" / "fastattn_test_probe"
+    probe_dir.mkdir(parents=True)
+    (probe_dir / "__init__.py").write_text(_PROBE_NODE)
+    server = comfy_host.ComfyServer(host, ready_path="/object_info/FastAttnTestMemoryProbe")
+    runs = iter(range(1000))
+
+    def probe(enhancer: dict | None = None) -> dict:
+        n = next(runs)
+        graph = {"9": {"class_type": "FastAttnTestMemoryProbe", "inputs": {"tag": f"probe {n}"}}}
+        if enhancer is not None:
+            graph["1"] = {"class_type": "FastAttnPromptEnhancer", "inputs": enhancer}
+            graph["9"]["inputs"]["after"] = ["1", 0]  # the probe runs after the enhancer
+        entry = server.run(graph, timeout=240)
+        assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+        return json.loads(entry["outputs"]["9"]["text"][0])
+
     try:
         _, info = server.get("/object_info/FastAttnPromptEnhancer")
         assert info["FastAttnPromptEnhancer"]["input"]["optional"]["keep_loaded"][0] == "BOOLEAN"
         enhancer = {"prompt": "w1 w2", "model_path": lm_dirs[0], "max_new_tokens": 3, "kv_bits": "8"}
-        graph = {
-            "1": {"class_type": "FastAttnPromptEnhancer", "inputs": enhancer},
-            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
-        }
-        entry = server.run(graph, timeout=240)
-        assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-        freed = "fastattn Prompt Enhancer: freed 1 kept LM(s)"
-        assert freed not in server.log_tail(100_000)  # kept between runs
+        kept = probe(enhancer)  # keep_loaded on (the default)
+        device = kept["torch_device"]  # "cpu" under main.py --cpu
+        assert [m["module"] for m in kept["loaded"]] == ["PromptEnhancerLM"], kept  # loaded by ComfyUI
+        assert kept["loaded"][0]["device"] == device and kept["loaded"][0]["load_device"] == device
+        assert kept["seen_alive"] == 1 and kept["live_lms"] == 1, kept
+        assert kept["unload_is_original"], kept  # ComfyUI's unload_all_models, not a wrapper
+        assert probe()["seen_alive"] == 1  # kept between prompts
         # ComfyUI's worker reads the flag when its queue wakes it; a request that lands while it is still
-        # collecting garbage after the prompt is read only at its next wake-up, so ask again until it is served.
+        # collecting garbage after a prompt is read only at its next wake-up, so ask again until it is served.
+        freed = "fastattn Prompt Enhancer: ComfyUI unloaded the LM"
         deadline = time.monotonic() + 90
         while freed not in server.log_tail(100_000):
             assert time.monotonic() < deadline, server.log_tail()
             status, _ = comfy_host.http(server.url + "/free", {"unload_models": True})
             assert status == 200
             time.sleep(3)
+        after = probe()
+        assert after["loaded"] == [] and after["seen"] == 1, after
+        assert after["seen_alive"] == 0 and after["live_lms"] == 0, after  # no reference left anywhere
+        assert after["unload_is_original"], after
         assert server.log_tail(100_000).count(freed) == 1  # freed once; later unloads find nothing kept
+
+        once = probe(dict(enhancer, keep_loaded=False))  # loaded through ComfyUI, freed after the rewrite
+        assert once["loaded"] == [] and once["live_lms"] == 0 and once["unload_is_original"], once
+        assert server.log_tail(100_000).count("Requested to load PromptEnhancerLM") == 2  # ComfyUI's own log
     finally:
         server.stop()
