@@ -74,9 +74,21 @@ class CalibrationResult:
         return d
 
 
+TARGET_PROTOCOL = ("fingerprint", "num_layers", "num_heads", "head_dim", "default_steps", "normalize_prompts",
+                   "describe_run", "enable", "run")  # fmt: skip
+
+
 def target_for(obj, run_kwargs: dict):
-    """The host adapter calibration runs ``obj`` through (testbed model or diffusers pipeline)."""
+    """The host adapter calibration runs ``obj`` through: the testbed model, a diffusers pipeline, or a
+    ready target of another host (an object with every name of ``TARGET_PROTOCOL``, e.g. the ComfyUI node's:
+    ``enable(plan)`` returns a handle with ``runtimes``, ``stats()`` and ``disable()``; ``run(prompt, steps,
+    seed)`` runs one denoising and returns its output tensor or None)."""
     from ..testbed.model import TestbedDiT
+
+    if all(hasattr(obj, name) for name in TARGET_PROTOCOL):
+        if run_kwargs:
+            raise CalibrationError(f"a calibration target takes no run arguments, got {sorted(run_kwargs)}")
+        return obj
 
     if isinstance(obj, TestbedDiT):
         from .host_testbed import TestbedTarget

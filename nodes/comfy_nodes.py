@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import calibrate as cal
 from . import fast_attention as fa
 from . import fast_cache as fc
 from . import text_encoder_cache as tec
@@ -376,13 +377,110 @@ class TextEncoderCache(io.ComfyNode):
         return io.NodeOutput(patched, report, ui={"text": [report]})
 
 
+def _sampler_options() -> tuple[list[str], list[str]]:
+    """The host's sampler and scheduler names (a minimal pair when comfy.samplers is not importable)."""
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        return ["euler"], ["simple"]
+
+
+class FastAttentionCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        samplers, schedulers = _sampler_options()
+        return io.Schema(
+            node_id="FastAttnCalibrate",
+            display_name="Fast Attention Calibrate",
+            category=CATEGORY,
+            description="Runs the sampler a few times on a copy of the model while fastattn observes every "
+            "self-attention head, then chooses per step group, layer and head what to run (3-D windows in the "
+            "best axis order, bands, stripes, skipped or reused heads, bit-width) for the least error at the "
+            "target attention work. Outputs a PLAN for Fast Attention or Save Plan.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model, before any Fast Attention node."),
+                io.Conditioning.Input("positive", tooltip="The prompt conditioning the observed runs use."),
+                io.Conditioning.Input("negative", tooltip="The negative conditioning."),
+                io.Latent.Input("latent_image", tooltip="Sets the size (and frames) the plan is calibrated at."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Run i uses seed + i."),
+                io.Int.Input("runs", default=2, min=1, max=16, tooltip="Sampler runs observed (more: steadier plan)."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Steps of each run (use your own)."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="CFG scale of the runs."),
+                io.Combo.Input("sampler_name", options=samplers, tooltip="Sampler of the runs."),
+                io.Combo.Input("scheduler", options=schedulers, tooltip="Scheduler of the runs."),
+                io.Float.Input(
+                    "target_density",
+                    default=0.3,
+                    min=0.02,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Share of the attention work the plan may do (dense steps included); the plan "
+                    "with the least estimated error at that work is chosen.",
+                ),
+            ],
+            outputs=[
+                Plan.Output(display_name="plan", tooltip="The calibrated plan, for Fast Attention or Save Plan."),
+                io.String.Output(display_name="report", tooltip="What was chosen and the expected work and error."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed=0, runs=2, steps=20, cfg=5.0,
+                sampler_name="euler", scheduler="simple", target_density=0.3) -> io.NodeOutput:  # fmt: skip
+        try:
+            import comfy.utils
+
+            bar = comfy.utils.ProgressBar(runs)
+            progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
+        except ImportError:
+            progress = None
+        plan, text = cal.calibrate_model(model, positive, negative, latent_image, seed=seed, runs=runs, steps=steps,
+                                         cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                         target_density=target_density, on_progress=progress)  # fmt: skip
+        return io.NodeOutput(plan, text, ui={"text": [text]})
+
+
+class SavePlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnSavePlan",
+            display_name="Save Plan",
+            category=CATEGORY,
+            description="Writes a fastattn plan (plan.json + plan.safetensors, with the calibration report) to "
+            "output/fastattn_plans/<name>, and pushes it to the Hugging Face Hub when a repo is given (with the "
+            "token of HF_TOKEN or huggingface-cli login: no token is stored in the workflow).",
+            inputs=[
+                Plan.Input("plan", tooltip="A PLAN from Fast Attention Calibrate (or Fast Attention Plan)."),
+                io.String.Input("name", default="calibrated-plan", tooltip="Folder name under output/fastattn_plans."),
+                io.String.Input(
+                    "hub_repo",
+                    default="",
+                    tooltip="owner/name of a Hub model repo to push to (created if missing); empty: local only.",
+                ),
+                io.Boolean.Input("private", default=True, tooltip="Create the Hub repo private."),
+            ],
+            outputs=[io.String.Output(display_name="saved", tooltip="Where the plan went.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, plan, name="calibrated-plan", hub_repo="", private=True) -> io.NodeOutput:
+        text = cal.save_plan(plan, name, hub_repo, private)
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
 def _default_instruction() -> str:
     from ..prompt import DEFAULT_INSTRUCTION
 
     return DEFAULT_INSTRUCTION
 
 
-NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer, TextEncoderCache]
+NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer, TextEncoderCache,
+         FastAttentionCalibrate, SavePlan]
 
 
 class FastAttnExtension(ComfyExtension):

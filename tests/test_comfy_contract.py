@@ -646,7 +646,7 @@ def test_contract_v3_nodes_are_thin_and_declare_tooltips(monkeypatch, book):
         def __init__(self, *args, ui=None):
             self.args, self.ui = args, ui
 
-    for name in ("Model", "Clip", "Combo", "Float", "Int", "String", "AnyType", "Latent", "Boolean"):
+    for name in ("Model", "Clip", "Combo", "Float", "Int", "String", "AnyType", "Latent", "Boolean", "Conditioning"):
         setattr(io, name, comfy_type(name))
     io.Custom, io.ComfyNode, io.NodeOutput, io.Schema = comfy_type, ComfyNode, NodeOutput, Spec
     latest = types.ModuleType("comfy_api.latest")
@@ -660,7 +660,7 @@ def test_contract_v3_nodes_are_thin_and_declare_tooltips(monkeypatch, book):
     nodes = asyncio.run(ext.get_node_list())
     schemas = {n.define_schema().kwargs["node_id"]: n for n in nodes}
     assert set(schemas) == {"FastAttnApply", "FastAttnCache", "FastAttnPlan", "FastAttnReport", "FastAttnPromptEnhancer",
-                            "FastAttnTextEncoderCache"}  # fmt: skip
+                            "FastAttnTextEncoderCache", "FastAttnCalibrate", "FastAttnSavePlan"}  # fmt: skip
     for node in nodes:
         s = node.define_schema().kwargs
         assert s["category"] == "fastattn" and s["display_name"]
