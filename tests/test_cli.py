@@ -25,10 +25,12 @@ def test_demo_with_a_method_and_the_run_demo_api(tmp_path):
 def test_verbs_and_bad_input():
     ap = build_parser()
     assert ap.parse_args(["eval", "some/path", "--prompts", "a cat"]).command == "eval"
+    assert ap.parse_args(["calibrate", "--testbed", "--target-density", "0.3", "--out", "x"]).command == "calibrate"
     assert set(BENCHMARKS) == {
         "kernels",
         "e2e",
         "quality",
+        "calibrate",
         "kvcache-quality",
         "kvcache-speed",
         "kvcache-prefix",
