@@ -147,6 +147,20 @@ def comfyui_dir() -> str | None:
     return os.path.abspath(d) if d else None
 
 
+def checkout_or_skip() -> str:
+    """``COMFYUI_DIR`` for a real-host test module; skips the module when unset, fails it when not a checkout."""
+    import pytest
+
+    d = comfyui_dir()
+    if not d:
+        pytest.skip(
+            "real-host ComfyUI test: set COMFYUI_DIR to a ComfyUI source checkout to run it", allow_module_level=True
+        )
+    if not os.path.isfile(os.path.join(d, "nodes.py")):
+        pytest.fail(f"COMFYUI_DIR={d} is not a ComfyUI source checkout (no nodes.py)", pytrace=False)
+    return d
+
+
 def host_python() -> str:
     return os.environ.get("COMFYUI_PYTHON", sys.executable)
 

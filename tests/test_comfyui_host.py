@@ -40,15 +40,7 @@ _spec = importlib.util.spec_from_file_location(
 comfy_host = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(comfy_host)  # the boot prelude shared with the diffusion host tests
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-if not COMFYUI_DIR:
-    pytest.skip(
-        "real-host ComfyUI test: set COMFYUI_DIR to a ComfyUI source checkout to run it",
-        allow_module_level=True,
-    )
-COMFYUI_DIR = os.path.abspath(COMFYUI_DIR)
-if not os.path.isfile(os.path.join(COMFYUI_DIR, "nodes.py")):
-    pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} is not a ComfyUI source checkout (no nodes.py)", pytrace=False)
+COMFYUI_DIR = comfy_host.checkout_or_skip()
 
 PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

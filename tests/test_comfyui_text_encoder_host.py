@@ -44,14 +44,7 @@ def _load_helper(name: str):
 ch = _load_helper("comfy_host")
 cc = _load_helper("comfy_checkpoints")
 
-COMFYUI_DIR = ch.comfyui_dir()
-if not COMFYUI_DIR:
-    pytest.skip(
-        "real-host ComfyUI test: set COMFYUI_DIR to a ComfyUI source checkout to run it",
-        allow_module_level=True,
-    )
-if not os.path.isfile(os.path.join(COMFYUI_DIR, "nodes.py")):
-    pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} is not a ComfyUI source checkout (no nodes.py)", pytrace=False)
+COMFYUI_DIR = ch.checkout_or_skip()
 
 NODE = "FastAttnTextEncoderCache"
 LLAMA_FILE, QWEN_FILE = "tiny_llava_llama3.safetensors", "tiny_qwen25_3b.safetensors"
