@@ -29,6 +29,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .backend import ACTIVE
+from .hooks import install_hook
 
 HOOK_NAME = "fastattn_block_cache"
 
@@ -141,7 +142,7 @@ def install_block_cache(model, family: str, runtime, self_attention_paths) -> ca
     removers = []
     try:
         for index, block in enumerate(blocks):
-            removers.append(_register(block, BlockCacheHook(runtime, index, block)))
+            removers.append(install_hook(block, BlockCacheHook(runtime, index, block), HOOK_NAME))
     except Exception:
         for r in removers:
             r()
@@ -154,23 +155,5 @@ def install_block_cache(model, family: str, runtime, self_attention_paths) -> ca
         reg = model.__dict__.get("_diffusers_hook")
         if reg is not None:
             reg.invalidate_child_registries_cache()
-
-    return remove
-
-
-def _register(module, hook) -> callable:
-    had_registry = "_diffusers_hook" in module.__dict__
-    had_forward = "forward" in module.__dict__
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
-
-    def remove():
-        reg = module.__dict__.get("_diffusers_hook")
-        if reg is None or reg.get_hook(HOOK_NAME) is not hook:
-            return
-        reg.remove_hook(HOOK_NAME, recurse=False)
-        if not had_forward and not reg.hooks:
-            module.__dict__.pop("forward", None)
-        if not had_registry and not reg.hooks:
-            del module.__dict__["_diffusers_hook"]
 
     return remove

@@ -114,22 +114,28 @@ class ContextHook(ModelHook):
 
 def install_context_hook(model, hook: ContextHook):
     """Register ``hook`` on ``model``; returns the function that removes it and leaves no trace."""
-    had_registry = "_diffusers_hook" in model.__dict__
-    had_forward = "forward" in model.__dict__
-    registry = HookRegistry.check_if_exists_or_initialize(model)
-    registry.register_hook(hook, HOOK_NAME)
+    return install_hook(model, hook, HOOK_NAME)
+
+
+def install_hook(module, hook: ModelHook, name: str):
+    """Register ``hook`` as ``name`` in ``module``'s diffusers hook registry; returns the function that removes
+    it and leaves no trace (the registry and the forward it installed go when nothing else is registered)."""
+    had_registry = "_diffusers_hook" in module.__dict__
+    had_forward = "forward" in module.__dict__
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
     registry.invalidate_child_registries_cache()
 
     def remove():
-        reg = model.__dict__.get("_diffusers_hook")
-        if reg is None or reg.get_hook(HOOK_NAME) is not hook:
+        reg = module.__dict__.get("_diffusers_hook")
+        if reg is None or reg.get_hook(name) is not hook:
             return
-        reg.remove_hook(HOOK_NAME, recurse=False)
+        reg.remove_hook(name, recurse=False)
         if not had_forward and not reg.hooks:
-            model.__dict__.pop("forward", None)
+            module.__dict__.pop("forward", None)
         if not had_registry and not reg.hooks:
-            del model.__dict__["_diffusers_hook"]
-        elif "_diffusers_hook" in model.__dict__:
+            del module.__dict__["_diffusers_hook"]
+        elif "_diffusers_hook" in module.__dict__:
             reg.invalidate_child_registries_cache()
 
     return remove
