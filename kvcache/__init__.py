@@ -11,12 +11,42 @@ Public API:
 * :mod:`.evaluate`: teacher-forced / free-running comparison against the full-precision cache.
 """
 
-from ..attn_kernels.kv_pack import SUPPORTED_BITS, dequantize_packed, pack, unpack
-from .cache import QuantizedKVCache, kv_geometry, projected_layer_bytes
-from .layer import QuantizedKVLayer
-from .prefix import PrefixKVCache
-from .quant import QuantBlock, dequantize, quantize, shrink, shrink_codes
-from .text_encoder import PromptPrefixCache, cache_prompt_prefix, template_prefix_ids
+import importlib
+
+# Names are loaded on first use: the quantizers (used by the ComfyUI text-encoder node) need only torch, while the
+# transformers cache classes import transformers, which a host may have in another version.
+_HOME = {
+    "SUPPORTED_BITS": "..attn_kernels.kv_pack",
+    "dequantize_packed": "..attn_kernels.kv_pack",
+    "pack": "..attn_kernels.kv_pack",
+    "unpack": "..attn_kernels.kv_pack",
+    "QuantizedKVCache": ".cache",
+    "kv_geometry": ".cache",
+    "projected_layer_bytes": ".cache",
+    "QuantizedKVLayer": ".layer",
+    "PrefixKVCache": ".prefix",
+    "QuantBlock": ".quant",
+    "dequantize": ".quant",
+    "quantize": ".quant",
+    "shrink": ".quant",
+    "shrink_codes": ".quant",
+    "PromptPrefixCache": ".text_encoder",
+    "cache_prompt_prefix": ".text_encoder",
+    "template_prefix_ids": ".text_encoder",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))
+
 
 __all__ = [
     "SUPPORTED_BITS",

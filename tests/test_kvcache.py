@@ -665,3 +665,18 @@ def test_repeat_kv_then_sdpa_stays_fused_and_other_uses_replay_it():
     )  # any other use replays the recorded steps on the dense keys
     half = keys[:, :, None, :, :]
     torch.testing.assert_close(half.expand(2, 2, 3, 41, 16) * 1.0, dk.reshape(2, 2, 3, 41, 16))
+
+
+def test_quantizers_import_without_transformers():
+    """The ComfyUI text-encoder node needs only the quantizers: importing them must not import transformers
+    (a host may carry another version of it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fastattn.kvcache.quant, fastattn.kvcache.frozen_prefix; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'; "
+        "from fastattn.kvcache import QuantizedKVCache, quantize; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
