@@ -94,6 +94,15 @@ def _forget(comfy, path: str | None = None) -> int:
     return len(keys)
 
 
+def lm_dtype(device) -> torch.dtype:
+    """The LM's dtype on ``device``: bf16 on a GPU that has it (else fp16), half of float32's memory; float32 on
+    the CPU, where half-precision matrix products are slow."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def _load_in_comfyui(comfy, path: str):
     """The ModelPatcher of the LM at ``path``, loaded on ComfyUI's device through ComfyUI's memory management."""
     from ..prompt import read_causal_lm
@@ -103,10 +112,11 @@ def _load_in_comfyui(comfy, path: str):
     if patcher is None or patcher.model.lm is None:  # not kept, or ComfyUI has unloaded it since
         patcher = None  # an emptied patcher left from ComfyUI's unload goes too
         _forget(comfy)  # one LM at a time: the old one goes before the new one is read
-        lm, tokenizer = read_causal_lm(path)
+        device = mm.get_torch_device()
+        lm, tokenizer = read_causal_lm(path, dtype=lm_dtype(device))
         patcher = model_patcher.ModelPatcher(
             PromptEnhancerLM(lm, tokenizer, path),
-            load_device=mm.get_torch_device(),
+            load_device=device,
             offload_device=mm.text_encoder_offload_device(),
         )
         patcher.add_callback_with_key(

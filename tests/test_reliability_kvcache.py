@@ -490,3 +490,27 @@ def test_real_comfyui_unload_models_frees_the_enhancer_lm(lm_dirs, tmp_path):
         assert server.log_tail(100_000).count("Requested to load PromptEnhancerLM") == 2  # ComfyUI's own log
     finally:
         server.stop()
+
+
+def test_prompt_enhancer_lm_dtype_follows_comfyuis_device(lm_dirs, no_loaded_lms, monkeypatch):
+    """Inside ComfyUI the LM is read in the dtype that suits ComfyUI's device: float32 on the CPU, bf16 (else
+    fp16) on a GPU — float32 there would take twice the memory ComfyUI has to find for it."""
+    import fastattn.prompt as prompt_mod
+    from fastattn.nodes import prompt_enhancer as pe
+
+    assert pe.lm_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pe.lm_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pe.lm_dtype(torch.device("cuda", 0)) == torch.float16
+
+    asked = []
+    real = prompt_mod.read_causal_lm
+    monkeypatch.setattr(
+        prompt_mod,
+        "read_causal_lm",
+        lambda path, dtype=torch.float32: asked.append(dtype) or real(path, dtype),
+    )
+    mm = fake_comfy(monkeypatch)
+    pe.enhance_prompt("w1 w2", lm_dirs[0], max_new_tokens=3, kv_bits="8", keep_loaded=False)
+    assert asked == [pe.lm_dtype(mm.get_torch_device())]
