@@ -13,8 +13,8 @@ def test_e2e_tiny_times_schedules_and_extra_plans(tmp_path):
     out = tmp_path / "e2e.json"
     extra = [dict(name="dyn", method="dynamic", min_density=0.3, max_density=0.3, top_p=1.0, dense_steps=1,
                   residual=True, residual_refresh=4, reuse_steps=2)]  # fmt: skip
-    rc = e2e.main(["--tiny", "--only", "Wan", "--schedule-steps", "4", "--extra-plans", json.dumps(extra),
-                   "--out", str(out)])  # fmt: skip
+    # no --schedule-steps: whole schedules are the default headline (4 steps in the tiny check)
+    rc = e2e.main(["--tiny", "--only", "Wan", "--extra-plans", json.dumps(extra), "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     recs = {r["preset"]: r for r in (data["records"] if isinstance(data, dict) else data)}
@@ -24,6 +24,8 @@ def test_e2e_tiny_times_schedules_and_extra_plans(tmp_path):
         assert (
             sched["steps"] == 4 and sched["ms"] > 0 and sched["baseline_ms"] > 0 and 0 < sched["density"] <= 1
         )
+        assert r["headline_speedup"] == sched["speedup"] and r["headline"] == "whole 4-step schedule, measured"
+        assert r["schedule_steps_estimate"] == 4 and r["schedule_speedup_estimate"] > 0
     dyn = recs["dyn"]["schedule_measured"]
     assert dyn["selection_reuses"] > 0 and dyn["planned_dense"].get("residual capture (WA-RS)", 0) > 0
     with pytest.raises(SystemExit, match="needs a 'name'"):
