@@ -80,6 +80,25 @@ class MaskCache:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """What one sequence-parallel rank holds of a self-attention call (:mod:`fastattn.parallel` builds it).
+
+    Args:
+        heads: the global head indices of the call's head dim, in order (head table rows are sliced to them).
+        seq_len: tokens of the whole sequence (the plan's layout is the whole sequence's).
+        ring: None when q, k, v hold the whole sequence in order; else the executor of a query chunk
+            (:class:`fastattn.parallel.ring.RingAttention`): q, k, v hold this rank's chunk, and the executor
+            computes its rows against every ring rank's keys: ``sparse(q, k, v, mask, scale=, quant=, perm=,
+            kernel=) -> (out, fallback, note)``, ``dense(query, key, value, attn_mask, scale, dense_fn) ->
+            (out, note)``, ``full(x, dim)`` (the whole sequence gathered) and ``rows(x, dim)``.
+    """
+
+    heads: tuple[int, ...]
+    seq_len: int
+    ring: object = None
+
+
+@dataclass(frozen=True)
 class HeadWork:
     """What one self-attention call computes, per head (built once per table row and layout).
 
@@ -245,40 +264,70 @@ class AttentionRuntime:
             return TokenLayout(seq_len, 0, True, layout.grid)  # image-only attention (e.g. SD3.5 attn2)
         return None
 
-    def _dense(self, query, key, value, attn_mask, scale, reason: str, planned: bool, work: float):
+    def _dense(
+        self, query, key, value, attn_mask, scale, reason: str, planned: bool, work: float, shard=None
+    ):
         self.stats.add_dense(reason, work, planned)
-        return self.dense_fn(query, key, value, attn_mask, scale)
+        return self._dense_call(query, key, value, attn_mask, scale, shard)
+
+    def _dense_call(self, query, key, value, attn_mask, scale, shard: Shard | None):
+        """The host's dense attention; a ring shard's query rows against the keys of the whole ring."""
+        if shard is None or shard.ring is None:
+            return self.dense_fn(query, key, value, attn_mask, scale)
+        out, note = shard.ring.dense(query, key, value, attn_mask, scale, self.dense_fn)
+        if note is not None:
+            self.stats.parallel_fallbacks[note] += 1
+        return out
 
     def attend(
-        self, state: ForwardState | None, query, key, value, attn_mask=None, scale=None, layer: int | None = None
+        self,
+        state: ForwardState | None,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        scale=None,
+        layer: int | None = None,
+        shard: Shard | None = None,
     ) -> torch.Tensor:
         """Self-attention of one layer on ``[B, S, H, D]`` tensors; returns ``[B, S, H, D]``.
 
         ``layer``: the call's self-attention layer index when the adapter knows it; else the calls of this
         forward are numbered in order. Calls with ``S_q != S_kv`` run dense (counted): adapters route only
         self-attention here, this is the safety net.
+
+        ``shard``: under sequence parallelism (:mod:`fastattn.parallel`), which heads of the whole call q, k, v
+        hold and, with a ring, which of its query rows; the rank computes exactly those outputs. Observers are
+        not called for sharded calls (they would see a part of the call).
         """
         b, s, h, _ = query.shape
         s_kv = key.shape[1]
+        if shard is not None:
+            if len(shard.heads) != h:
+                raise ValueError(f"shard holds {len(shard.heads)} heads, the call's tensors have {h}")
+            if shard.ring is not None:
+                s_kv = shard.seq_len  # this rank's query rows read every key of the ring
         work = float(b * h * s * s_kv)
         if state is None:
-            return self._dense(query, key, value, attn_mask, scale, "no forward context", False, work)
-        if s_kv != s:
-            return self._dense(query, key, value, attn_mask, scale, "cross-attention (S_q != S_kv)", False, work)
+            return self._dense(query, key, value, attn_mask, scale, "no forward context", False, work, shard)
+        if shard is None and s_kv != s or shard is not None and key.shape[1] != s:
+            reason = "cross-attention (S_q != S_kv)"
+            return self._dense(query, key, value, attn_mask, scale, reason, False, work, shard)
         if layer is None:
             layer = state.layer_counter
         state.layer_counter += 1
         ctx = state.ctx
-        layout = self._layout_for(ctx.layout, s)
+        layout = self._layout_for(ctx.layout, s if shard is None else shard.seq_len)
         if layout is None:
             known = ctx.layout.seq_len if ctx.layout is not None else None
-            reason = f"sequence length {s} does not match the model's token layout ({known})"
-            return self._dense(query, key, value, attn_mask, scale, reason, False, work)
+            total = s if shard is None else shard.seq_len
+            reason = f"sequence length {total} does not match the model's token layout ({known})"
+            return self._dense(query, key, value, attn_mask, scale, reason, False, work, shard)
         if self.cache.attention is not None:
-            return self._shared(ctx, query, key, value, attn_mask, scale, layer, layout, work)
-        return self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work)
+            return self._shared(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
+        return self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
 
-    def _shared(self, ctx, query, key, value, attn_mask, scale, layer, layout, work):
+    def _shared(self, ctx, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
         """Attention output sharing (``plan.cache``): a cached output of an earlier step (AST) or of the other
         CFG branch (ASC), or the planned call, kept when a later call may reuse it."""
         shared = self.cache.attention
@@ -294,15 +343,15 @@ class AttentionRuntime:
             if mask is not None and mask.dim() and mask.shape[0] == query.shape[0] > 1:
                 mask = mask.index_select(0, rows)
             share = len(rows) / query.shape[0]
-            part = self._planned(ctx, *sub, mask, scale, layer, layout, work * share)
+            part = self._planned(ctx, *sub, mask, scale, layer, layout, work * share, shard)
             self.stats.add_reused(work * (1.0 - share), "cfg", call=False)
             return part.index_select(0, source)
-        out = self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work)
+        out = self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
         if shared.wants(layer, ctx):
             shared.keep(layer, ctx, out)
         return out
 
-    def _planned(self, ctx, query, key, value, attn_mask, scale, layer, layout, work):
+    def _planned(self, ctx, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
         """What the plan runs for one call: dense by plan, residual sharing, or the method."""
         plan = self.plan
         planned = plan.dense_reason(layer, self.num_layers, ctx.step, ctx.num_steps)
@@ -312,10 +361,10 @@ class AttentionRuntime:
             and ctx.step == plan.dense_steps_for(ctx.num_steps) - 1
         )
         if planned is not None and not capture_now:
-            return self._dense(query, key, value, attn_mask, scale, planned, True, work)
+            return self._dense(query, key, value, attn_mask, scale, planned, True, work, shard)
         if query.dtype == torch.float32 and query.is_cuda:
-            return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work)
-        call = _Call(ctx, layer, layout, scale, work)
+            return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work, shard)
+        call = _Call(ctx, layer, layout, scale, work, shard)
         if not plan.residual:
             return self._method(query, key, value, attn_mask, call)
         return self._with_residual(query, key, value, attn_mask, call, capture_now)
@@ -330,8 +379,9 @@ class AttentionRuntime:
         if action == "capture":
             sparse = self._method(query, key, value, attn_mask, call, count=False)
             dense = self._dense(
-                query, key, value, attn_mask, call.scale, "residual capture (WA-RS)", True, call.work
-            )
+                query, key, value, attn_mask, call.scale, "residual capture (WA-RS)", True, call.work,
+                call.shard,
+            )  # fmt: skip
             # A cache, not part of this call's graph: kept with autograd attached, a later step's backward
             # would reach into this step's freed graph.
             residual = (dense - sparse).detach()
@@ -348,21 +398,30 @@ class AttentionRuntime:
         """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
         b, s = query.shape[:2]
         keep = None
+        ring = call.shard.ring if call.shard is not None else None
         if attn_mask is not None:
-            keep, why = _key_padding(attn_mask, b, s, call.layout)
+            keep, why = _key_padding(attn_mask, b, s if ring is None else call.shard.seq_len, call.layout)
             if why is not None:
                 if not count:
-                    return self.dense_fn(query, key, value, attn_mask, call.scale)
-                return self._dense(query, key, value, attn_mask, call.scale, why, False, call.work)
+                    return self._dense_call(query, key, value, attn_mask, call.scale, call.shard)
+                return self._dense(
+                    query, key, value, attn_mask, call.scale, why, False, call.work, call.shard
+                )
         work = self._work_for(call)
         if work is not None and work.all_dense:
             reason = "method dense (head table)"
             if not count:
-                return self.dense_fn(query, key, value, attn_mask, call.scale)
-            return self._dense(query, key, value, attn_mask, call.scale, reason, True, call.work)
+                return self._dense_call(query, key, value, attn_mask, call.scale, call.shard)
+            return self._dense(query, key, value, attn_mask, call.scale, reason, True, call.work, call.shard)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D] views, no copy
         if keep is None:
             out = self._sparse(q, k, v, call, work, count)
+        elif ring is not None:
+            # the kept tokens form a layout of the whole sequence: gathered, computed whole, this rank's rows kept
+            self.stats.parallel_fallbacks["ring: key padding: Q/K/V all-gathered, every row computed"] += 1
+            whole = dataclasses.replace(call, shard=Shard(call.shard.heads, call.shard.seq_len))
+            full = [ring.full(x, 2) for x in (q, k, v)]
+            out = ring.rows(self._sparse_key_padding(*full, keep, whole, count), 2)
         else:
             out = self._sparse_key_padding(q, k, v, keep, call, count)
         return out.transpose(1, 2)
@@ -375,14 +434,44 @@ class AttentionRuntime:
             return None
         group = table.group_of(call.ctx.step, call.ctx.num_steps)
         row = table.heads_at(group, call.layer)
-        key = (row, call.layout)
+        if call.shard is not None:
+            row = tuple(row[h] for h in call.shard.heads)  # this rank's heads only
+        return self._row_work(row, call.layout)
+
+    def _row_work(self, row, layout: TokenLayout) -> HeadWork:
+        key = (row, layout)
         work = self._head_work.get(key)
         if work is None:
-            work = self._build_work(row, call.layout)
+            work = self._build_work(row, layout)
             self._head_work[key] = work
             if len(self._head_work) > 256:
                 self._head_work.popitem(last=False)
         return work
+
+    def head_loads(
+        self, layer: int, layout: TokenLayout | None, seq_len: int | None = None
+    ) -> torch.Tensor | None:
+        """Key blocks each head computes in ``layer``: float64 ``[H]``, averaged over the head table's step
+        groups by their share of the run (reused heads count zero, dense heads every block). ``None`` without a
+        head table (every head does the same work) or when the layout does not fit ``seq_len`` tokens.
+
+        What :mod:`fastattn.parallel` balances heads across ranks by (db-SP): one assignment per layer for the
+        whole run, so the per-layer caches (head reuse, residuals) always hold the same heads on a rank.
+        """
+        table = self.plan.heads
+        if layout is not None and seq_len is not None:
+            layout = self._layout_for(layout, seq_len)
+        if table is None or layout is None or not 0 <= layer < table.num_layers:
+            return None
+        loads = torch.zeros(table.num_heads, dtype=torch.float64)
+        for g in range(table.num_groups):
+            row = table.heads_at(g, layer)
+            counts = self._row_work(row, layout).mask.kv_counts.double()
+            per_head = counts.sum(dim=(0, 2)).expand(table.num_heads) / counts.shape[0]
+            reused = torch.tensor([bool(r) for *_, r in row])
+            share = table.step_bounds[g + 1] - table.step_bounds[g]
+            loads += share * torch.where(reused, 0.0, per_head)
+        return loads
 
     def _build_work(self, row, layout: TokenLayout) -> HeadWork:
         table, bs = self.plan.heads, self.plan.block_size
@@ -413,12 +502,17 @@ class AttentionRuntime:
         if work is None:
             select = call_handler(plan.method)
             if select is not None:
-                mask = self._selection(select, q, k, call)
+                qs, ks = q, k
+                if call.shard is not None and call.shard.ring is not None:
+                    # the selection pools every query and key block of the whole sequence
+                    qs, ks = call.shard.ring.full(q, 2), call.shard.ring.full(k, 2)
+                    self.stats.parallel_fallbacks["ring: dynamic selection: Q/K all-gathered to select"] += 1
+                mask = self._selection(select, qs, ks, call)
                 density = mask.block_density_tensor()  # summed on the device: no host sync per call
             else:
                 mask = self.masks.get(plan.method, call.layout, plan.block_size)
                 density = mask.block_density()
-            out, fallback = self._kernel(q, k, v, mask, call.scale, plan.quant, None)
+            out, fallback = self._kernel(q, k, v, mask, call.scale, plan.quant, None, call.shard)
         else:
             out, fallback, density = self._per_head(q, k, v, call, work)
         if not count:
@@ -429,17 +523,24 @@ class AttentionRuntime:
             self.stats.add_sparse(call.work, density)
             if not q.is_cuda:
                 self.stats.notes[CPU_NOTE] += 1
-            if self._observers:
+            if self._observers and call.shard is None:
                 seen = ObservedCall(call.ctx, call.layer, q, k, v, out, call.scale, density, plan.quant)
                 for fn in list(self._observers):
                     fn(seen)
         return out
 
-    def _kernel(self, q, k, v, mask, scale, quant, perm):
+    def _kernel(self, q, k, v, mask, scale, quant, perm, shard: Shard | None = None):
         if quant != "none" and not q.is_cuda:
             # The CPU reference's quantizer views q/k as contiguous; the GPU kernel takes any strides.
             q, k, v = (x.contiguous() for x in (q, k, v))
-        return self.sparse_fn(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+        if shard is None or shard.ring is None:
+            return self.sparse_fn(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+        out, fallback, note = shard.ring.sparse(
+            q, k, v, mask, scale=scale, quant=quant, perm=perm, kernel=self.sparse_fn
+        )
+        if note is not None:
+            self.stats.parallel_fallbacks[note] += 1
+        return out, fallback
 
     def _per_head(self, q, k, v, call, work: HeadWork):
         """Run a head table's row: one kernel call per bit-width group, reused heads from the cache."""
@@ -456,13 +557,13 @@ class AttentionRuntime:
         computed = torch.zeros(q.shape[1], dtype=torch.bool)
         for mode, idx in groups:
             if idx is None:
-                out, fallback = self._kernel(q, k, v, work.mask, call.scale, mode, work.perm)
+                out, fallback = self._kernel(q, k, v, work.mask, call.scale, mode, work.perm, call.shard)
                 computed[:] = True
                 continue
             sub = [x.index_select(1, idx.to(x.device)) for x in (q, k, v)]
             mask = _select_heads(work.mask, idx)
             perm = None if work.perm is None else work.perm[idx]
-            part, why = self._kernel(*sub, mask, call.scale, mode, perm)
+            part, why = self._kernel(*sub, mask, call.scale, mode, perm, call.shard)
             fallback = fallback or why
             out.index_copy_(1, idx.to(out.device), part)
             computed[idx] = True
@@ -535,6 +636,7 @@ class _Call:
     layout: TokenLayout
     scale: float | None
     work: float  # score entries B * H * S_q * S_kv
+    shard: Shard | None = None  # what a sequence-parallel rank holds of the call
 
 
 def _quant_groups(quants: list[str], skip: list[bool]) -> tuple[tuple[str, torch.Tensor | None], ...]:

@@ -27,6 +27,8 @@ class AttentionStats:
     reused_calls: int = 0  # calls that returned a cached output (plan.cache: AST / ASC)
     reuses: Counter = field(default_factory=Counter)  # cached outputs returned, by kind ("step", "cfg")
     notes: Counter = field(default_factory=Counter)  # what the runtime noticed (layer count mismatches...)
+    # sequence parallelism: calls a rank served another way than its share of the plan (K/V all-gathered...)
+    parallel_fallbacks: Counter = field(default_factory=Counter)
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
         self.calls += 1
@@ -89,4 +91,5 @@ class AttentionStats:
             "selection_reuses": self.selection_reuses,
             "head_reuses": self.head_reuses,
             "notes": dict(self.notes),
+            "parallel_fallbacks": dict(self.parallel_fallbacks),
         }
