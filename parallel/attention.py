@@ -138,7 +138,7 @@ class SequenceParallel:
             device=mesh.device,
         )
         metas = torch.stack(
-            all_gather(meta, mesh.group, world, "checking the call's shapes", mesh.config.timeout_s)
+            all_gather(meta, mesh.world_group, world, "checking the call's shapes", mesh.config.timeout_s)
         )
         metas = metas.cpu()
         if not bool((metas == metas[:1]).all()) or not bool(metas[:, 6].all()):
@@ -151,7 +151,7 @@ class SequenceParallel:
         else:
             mine = positions.to(mesh.device)
             every = torch.stack(
-                all_gather(mine, mesh.group, world, "exchanging positions", mesh.config.timeout_s)
+                all_gather(mine, mesh.world_group, world, "exchanging positions", mesh.config.timeout_s)
             )
             every = every.cpu()
             if not torch.equal(every.flatten().sort().values, torch.arange(seq_len)):
@@ -277,7 +277,7 @@ class SequenceParallel:
         mine["work_total"], mine["work_done"] = rt.work_total, rt.work_done
         every = [None] * self.mesh.world_size
         with guard("gathering stats", self.mesh.config.timeout_s):
-            dist.all_gather_object(every, mine, group=self.mesh.group)
+            dist.all_gather_object(every, mine, group=self.mesh.world_group)
         merged = _merge_stats(every)
         merged["per_rank"] = every
         ratios = list(self.imbalance.values())

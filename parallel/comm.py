@@ -40,7 +40,8 @@ def guard(what: str, timeout_s: float | None = None, group=None):
         limit = f" within timeout_s={timeout_s:g}" if timeout_s else ""
         raise ParallelError(
             f"fastattn.parallel: rank {rank}: {what}{where} failed: a peer rank failed, exited or did not answer"
-            f"{limit}; the run stops on every rank ({type(e).__name__}: {e})"
+            f"{limit} (or ranks passed shards of other shapes, or called attention a different number of times);"
+            f" the run stops on every rank ({type(e).__name__}: {e})"
         ) from e
 
 

@@ -48,8 +48,9 @@ class ParallelMesh:
 
     Attributes:
         config: the settings, with ``ulysses`` and ``ring`` resolved to ints.
-        group: the whole process group (None: the default world group).
+        group: the process group the mesh was made of (None: the default world group).
         rank, world_size: this process's rank in ``group`` and the group's size (``ulysses * ring``).
+        world_group: a group of every rank with the config's timeout (the shape checks and stats use it).
         ulysses_rank, ring_rank: indices in the Ulysses and ring groups.
         ulysses_group, ring_group: the sub-groups (process groups).
         device: where communicated tensors live (``cuda:<current>`` for NCCL, ``cpu`` for gloo).
@@ -64,6 +65,7 @@ class ParallelMesh:
     ulysses_group: object
     ring_group: object
     device: torch.device
+    world_group: object = None
 
     @property
     def ulysses(self) -> int:
@@ -106,6 +108,7 @@ class ParallelMesh:
             else:
                 dist.barrier(group)
         # new_group is collective over the whole world: every rank creates every sub-group, in the same order
+        world_group = dist.new_group(members, timeout=timeout)
         ulysses_group = ring_group = None
         for i in range(r):
             g = dist.new_group([members[i * u + j] for j in range(u)], timeout=timeout)
@@ -119,7 +122,9 @@ class ParallelMesh:
             raise ParallelError(
                 f"fastattn.parallel: rank {rank} found no sub-group (world {world}, {u} x {r})"
             )
-        return cls(config, group, rank, world, rank % u, rank // u, ulysses_group, ring_group, device)
+        return cls(
+            config, group, rank, world, rank % u, rank // u, ulysses_group, ring_group, device, world_group
+        )
 
     def describe(self) -> dict:
         return {

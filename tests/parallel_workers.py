@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, out_dir, timeout_s, args):
+def _entry(fn, rank, world, port, out_dir, args):
     torch.set_num_threads(1)  # the CI box has 2 cores for all ranks
     result = {"rank": rank}
     start = time.monotonic()
@@ -38,7 +38,7 @@ def _entry(fn, rank, world, port, out_dir, timeout_s, args):
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=60),  # joining may be slow on a busy box; meshes set their own
         )
         result["value"] = fn(rank, world, *args)
     except BaseException as e:  # noqa: BLE001 - reported to the test, which asserts on it
@@ -51,17 +51,14 @@ def _entry(fn, rank, world, port, out_dir, timeout_s, args):
         dist.destroy_process_group()
 
 
-def launch(fn, world: int, *args, timeout_s: float = 30.0, deadline_s: float = 120.0) -> list[dict]:
+def launch(fn, world: int, *args, deadline_s: float = 120.0) -> list[dict]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; ``[{"value" | "error", "elapsed"}...]`` by rank.
 
     A rank still running after ``deadline_s`` is killed and the launch fails (a hang is a test failure)."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [
-            ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, timeout_s, args))
-            for r in range(world)
-        ]
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, args)) for r in range(world)]
         for p in procs:
             p.start()
         end = time.monotonic() + deadline_s
@@ -261,3 +258,66 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
             )
         )
     return out
+
+
+def failing(rank: int, world: int, mode: str, timeout_s: float) -> dict:
+    """Ulysses attention calls in a loop; at call 3 the last rank dies (``"die"``), stalls (``"stall"``) or passes
+    a shard of another length (``"mismatch_later"``). Returns how far this rank got; raises what the run raised."""
+    from fastattn.attention import AttentionRuntime, ForwardContext
+    from fastattn.masks import TokenLayout
+    from fastattn.parallel import ParallelMesh, SequenceParallel
+    from fastattn.plans import AttentionPlan, Window3DConfig
+
+    layout = TokenLayout.video(2, 4, 6, text_len=0)  # 48 tokens: 16 per rank with 3 ranks
+    mesh = ParallelMesh.create(dict(ulysses=world, ring=1, timeout_s=timeout_s))
+    rt = AttentionRuntime(AttentionPlan(Window3DConfig(window=(1, 1, 1)), block_size=BS), num_layers=1)
+    sp = SequenceParallel(mesh, rt)
+    s_local = layout.seq_len // world
+    victim = rank == world - 1
+    for call in range(6):
+        if victim and call == 3:
+            if mode == "die":
+                os._exit(3)  # as a kill or an out-of-memory abort: no Python cleanup, no message to the peers
+            if mode == "stall":
+                time.sleep(timeout_s + 2)  # the peers give up after timeout_s
+        n = s_local - 1 if victim and call == 3 and mode == "mismatch_later" else s_local
+        q = torch.randn(1, n, world * 2, 16)
+        state = rt.begin_forward(ForwardContext(layout, call, 6))
+        with torch.no_grad():
+            sp.attend(state, q, q, q)
+        rt.end_forward(state)
+    return {"calls": 6}
+
+
+def bad_input(rank: int, world: int) -> dict:
+    """The errors SequenceParallel and ParallelMesh raise for input they cannot serve (every rank alike)."""
+    from fastattn.attention import AttentionRuntime, ForwardContext
+    from fastattn.masks import TokenLayout
+    from fastattn.parallel import ParallelMesh, SequenceParallel
+    from fastattn.plans import AttentionPlan
+
+    errors = {}
+
+    def catch(name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            errors[name] = f"{type(e).__name__}: {e}"
+
+    catch("degrees", lambda: ParallelMesh.create(dict(ulysses=2, ring=2)))
+    mesh = ParallelMesh.create(dict(ulysses=2, ring=1, timeout_s=10))
+    rt = AttentionRuntime(AttentionPlan(block_size=BS), num_layers=1)
+    sp = SequenceParallel(mesh, rt)
+    state = rt.begin_forward(ForwardContext(TokenLayout.video(1, 4, 8), 0, 1))
+    x = torch.randn(1, 16, 3, 8)
+    catch("heads", lambda: sp.attend(state, x, x, x))
+    y = torch.randn(1, 16, 4, 8, requires_grad=True)
+    catch("grad", lambda: sp.attend(state, y, y, y))
+    z = torch.randn(1, 16, 4, 8, device="meta")
+    catch("device", lambda: sp.attend(state, z, z, z))
+    w = torch.randn(1, 16, 4, 8)
+    catch("positions", lambda: sp.attend(state, w, w, w, positions=torch.arange(16)))  # both ranks 0..15
+    catch("positions_shape", lambda: sp.attend(state, w, w, w, positions=torch.arange(15)))
+    v = torch.randn(1, 16 - rank, 4, 8)  # rank 1 holds a shorter shard
+    catch("mismatch", lambda: sp.attend(state, v, v, v))
+    return errors
