@@ -448,29 +448,50 @@ class AttentionRuntime:
                 self._head_work.popitem(last=False)
         return work
 
+    def layer_masks(
+        self, layer: int, layout: TokenLayout | None, seq_len: int | None = None
+    ) -> list[tuple[float, BlockMask, torch.Tensor | None]] | None:
+        """What ``layer`` computes over a run: ``(share of the run, block mask, reused heads bool [H] or None)``
+        per head-table step group, or one entry for a structural plan method. ``None`` when it is not known
+        ahead of the call (dynamic selection) or the layout does not fit ``seq_len`` tokens.
+
+        What :mod:`fastattn.parallel` balances by (db-SP): one assignment per layer for the whole run, so the
+        per-layer caches (head reuse, residuals) always hold the same heads and tokens on a rank.
+        """
+        if layout is not None and seq_len is not None:
+            layout = self._layout_for(layout, seq_len)
+        if layout is None:
+            return None
+        table = self.plan.heads
+        if table is None:
+            if call_handler(self.plan.method) is not None:
+                return None
+            return [(1.0, self.masks.get(self.plan.method, layout, self.plan.block_size), None)]
+        if not 0 <= layer < table.num_layers:
+            return None
+        out = []
+        for g in range(table.num_groups):
+            row = table.heads_at(g, layer)
+            reused = torch.tensor([bool(r) for *_, r in row])
+            share = table.step_bounds[g + 1] - table.step_bounds[g]
+            out.append((share, self._row_work(row, layout).mask, reused if bool(reused.any()) else None))
+        return out
+
     def head_loads(
         self, layer: int, layout: TokenLayout | None, seq_len: int | None = None
     ) -> torch.Tensor | None:
         """Key blocks each head computes in ``layer``: float64 ``[H]``, averaged over the head table's step
         groups by their share of the run (reused heads count zero, dense heads every block). ``None`` without a
-        head table (every head does the same work) or when the layout does not fit ``seq_len`` tokens.
-
-        What :mod:`fastattn.parallel` balances heads across ranks by (db-SP): one assignment per layer for the
-        whole run, so the per-layer caches (head reuse, residuals) always hold the same heads on a rank.
-        """
-        table = self.plan.heads
-        if layout is not None and seq_len is not None:
-            layout = self._layout_for(layout, seq_len)
-        if table is None or layout is None or not 0 <= layer < table.num_layers:
+        head table (every head does the same work) or when the layout does not fit ``seq_len`` tokens."""
+        entries = self.layer_masks(layer, layout, seq_len) if self.plan.heads is not None else None
+        if entries is None:
             return None
-        loads = torch.zeros(table.num_heads, dtype=torch.float64)
-        for g in range(table.num_groups):
-            row = table.heads_at(g, layer)
-            counts = self._row_work(row, layout).mask.kv_counts.double()
-            per_head = counts.sum(dim=(0, 2)).expand(table.num_heads) / counts.shape[0]
-            reused = torch.tensor([bool(r) for *_, r in row])
-            share = table.step_bounds[g + 1] - table.step_bounds[g]
-            loads += share * torch.where(reused, 0.0, per_head)
+        heads = self.plan.heads.num_heads
+        loads = torch.zeros(heads, dtype=torch.float64)
+        for share, mask, reused in entries:
+            counts = mask.kv_counts.double()
+            per_head = counts.sum(dim=(0, 2)).expand(heads) / counts.shape[0]
+            loads += share * (per_head if reused is None else torch.where(reused, 0.0, per_head))
         return loads
 
     def _build_work(self, row, layout: TokenLayout) -> HeadWork:

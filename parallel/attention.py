@@ -76,6 +76,9 @@ class SequenceParallel:
         self._placements: dict = {}
         self._orders: dict = {}  # (layer, layout, heads) -> head order or None
         self.imbalance: dict[int, tuple[float, float]] = {}  # layer -> (this order's ratio, contiguous ratio)
+        # layout -> rows of positions per rank (None: contiguous), and the ring ratios or why not balanced
+        self._ring_positions: dict = {}
+        self.ring_balance: dict = {}
 
     # ------------------------------------------------------------------ checks and placement
     def _check(self, query, key, value) -> None:
@@ -210,6 +213,53 @@ class SequenceParallel:
             self._orders[key] = order
         return self._orders[key]
 
+    # ------------------------------------------------------------------ ring balance (db-SP)
+    def positions(self, layout) -> torch.Tensor | None:
+        """The global token positions this rank should hold for ``layout`` (shard the model's tokens by them and
+        pass them to :meth:`attend`), or None for contiguous shards.
+
+        With ``ring > 1`` and ``balance="db-sp"``: ring ranks get the blocks db-SP's biased greedy
+        (:func:`~.balance.assign_blocks_ring`) chooses on the plan's block loads summed over layers, heads and
+        step groups (one token split serves every layer), cut into equal pieces for the Ulysses ranks
+        (:func:`~.balance.rank_positions`); whole blocks, so the ring runs natively. None when nothing is
+        balanced (one rank in the ring, ``balance="none"``, dense or dynamic plans) or when the blocks cannot
+        give every rank the same token count; :attr:`ring_balance` says which, per layout. The same on every
+        rank (the plan is)."""
+        mesh = self.mesh
+        if mesh.ring == 1 or mesh.config.balance == "none" or layout is None:
+            return None
+        if layout not in self._ring_positions:
+            self._ring_positions[layout] = self._balanced_positions(layout)
+        rows = self._ring_positions[layout]
+        return None if rows is None else rows[mesh.rank]
+
+    def _balanced_positions(self, layout) -> torch.Tensor | None:
+        table = self.runtime.plan.heads
+        load, geometry = None, None
+        for layer in range(table.num_layers) if table is not None else (0,):
+            for share, mask, reused in self.runtime.layer_masks(layer, layout) or ():
+                block_map = mask.to_block_map()
+                if reused is not None and block_map.shape[1] == reused.numel():
+                    block_map[:, reused] = False  # reused heads compute nothing
+                part = balance.ring_block_loads(block_map).double() * share
+                load, geometry = (part if load is None else load + part), mask
+        if load is None:
+            self.ring_balance[layout] = "nothing to balance: no static block mask (dense or dynamic plan)"
+            return None
+        ring = self.mesh.ring
+        owner = balance.assign_blocks_ring(load, ring)
+        try:
+            rows = balance.rank_positions(geometry, owner, self.mesh.ulysses, ring)
+        except ValueError as e:
+            self.ring_balance[layout] = f"contiguous shards kept: {e}"
+            return None
+        plain = balance.contiguous_owner(len(owner), ring)
+        self.ring_balance[layout] = (
+            balance.ring_imbalance(load, owner, ring),
+            balance.ring_imbalance(load, plain, ring),
+        )
+        return rows
+
     # ------------------------------------------------------------------ the call
     def attend(
         self, state, query, key, value, attn_mask=None, scale=None, layer: int | None = None, positions=None
@@ -286,6 +336,7 @@ class SequenceParallel:
             head_imbalance={layer: round(a, 4) for layer, (a, _) in self.imbalance.items()},
             head_imbalance_contiguous={layer: round(b, 4) for layer, (_, b) in self.imbalance.items()},
             mean_head_imbalance=sum(a for a, _ in ratios) / len(ratios) if ratios else 1.0,
+            ring_balance={str(lay): v for lay, v in self.ring_balance.items()},
         )
         return merged
 

@@ -154,7 +154,17 @@ def make_plan(name: str, layers: int, heads: int):
         return AttentionPlan(Window3DConfig(window=(1, 3, 3)), quant="int8", block_size=BS)
     if name == "dynamic":
         return AttentionPlan(DynamicConfig(top_p=0.8), block_size=BS)
-    if name in ("per_head", "per_head_plain"):
+    if name == "per_head_plain":  # per-head methods, no reordering or quantization: the ring runs natively
+        methods = (
+            DenseConfig(),
+            BandConfig(window=40),
+            Window3DConfig(window=(0, 1, 1)),
+            BandConfig(window=4),
+        )
+        g = torch.Generator().manual_seed(5)
+        table = HeadTable(methods, torch.randint(0, len(methods), (1, layers, heads), generator=g))
+        return AttentionPlan(Window3DConfig(window=(1, 1, 1)), block_size=BS, heads=table)
+    if name == "per_head":
         # very unequal heads: dense, wide band, skipped, windows in reordered (PARO) axis orders, int8 heads
         methods = (DenseConfig(), BandConfig(window=40), SkipConfig(), Window3DConfig(window=(0, 1, 1)))
         g = torch.Generator().manual_seed(5)
@@ -214,7 +224,11 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
         ref_rt = AttentionRuntime(plan, num_layers=layers, **kernel_kwargs)
         rt = AttentionRuntime(plan, num_layers=layers, **kernel_kwargs)
         sp = SequenceParallel(mesh, rt, backend=case.get("backend") or "auto")
-        pos = positions_for(case.get("positions", "contiguous"), layout, rank, world)
+        if case.get("positions") == "balanced":  # db-SP's ring block assignment
+            pos = sp.positions(layout)
+            assert pos is not None, sp.ring_balance
+        else:
+            pos = positions_for(case.get("positions", "contiguous"), layout, rank, world)
         s = layout.seq_len
         rows = pos if pos is not None else torch.arange(rank * s // world, (rank + 1) * s // world)
         mask = None
@@ -255,6 +269,7 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
                 ref_head_reuses=ref_stats["head_reuses"],
                 imbalance=stats["parallel"]["head_imbalance"],
                 imbalance_contiguous=stats["parallel"]["head_imbalance_contiguous"],
+                ring_balance=stats["parallel"]["ring_balance"],
             )
         )
     return out

@@ -67,6 +67,7 @@ def test_ring_two_ranks_equal_one_process():
 
 def test_hybrid_two_by_two_equal_one_process():
     cases = [
+        (_case("per_head_plain", ulysses=2, ring=2, positions="balanced"), ()),  # db-SP heads and ring blocks
         (_case("per_head", ulysses=2, ring=2), (PERM,)),
         (_case("window3d", ulysses=2, ring=2, balance="none"), ()),
         (_case("window3d", ulysses=2, ring=2, positions="flux"), (NOT_WHOLE,)),  # 8 text tokens per chunk
@@ -74,6 +75,8 @@ def test_hybrid_two_by_two_equal_one_process():
     ]
     results = pw.values(pw.launch(pw.exactness, 4, [c for c, _ in cases]))
     _check(results, [n for _, n in cases])
+    ((balanced, contiguous),) = results[0][0]["ring_balance"].values()
+    assert balanced < contiguous, results[0][0]  # the balanced blocks shorten the ring's critical path
 
 
 def test_ring_through_the_triton_kernel():
