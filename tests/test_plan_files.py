@@ -167,7 +167,7 @@ def test_make_plan_takes_plan_directories_and_overrides(saved):
 
 def test_shipped_plan_files_match_the_structural_presets(tmp_path):
     fresh = export_structural_presets(tmp_path)
-    shipped = shipped_plans()
+    shipped = [d for d in shipped_plans() if load_plan(d).meta.creator == "fastattn.presets.structural"]
     assert [p.name for p in shipped] == sorted(p.name for p in fresh)
     assert len(shipped) == sum(len(v) for v in structural_presets().values())
     for d in fresh:
@@ -178,6 +178,22 @@ def test_shipped_plan_files_match_the_structural_presets(tmp_path):
     for d in shipped:
         family, level = d.name.rsplit("-", 1)
         assert make_plan(family, str(d)) == make_plan(family, level)
+
+
+def test_shipped_calibrated_plans_load_for_their_model():
+    """Calibrated plans ship beside the structural ones: each loads, checks its tensors' hash, and validates
+    against the model it was calibrated for (a per-head table over every layer and head)."""
+    calibrated = [d for d in shipped_plans() if load_plan(d).meta.creator == "fastattn.calibrate"]
+    assert calibrated, "presets/plans/ ships at least one calibrated plan"
+    for d in calibrated:
+        loaded = load_plan(d, fingerprint=load_plan(d).meta.model)
+        heads = loaded.plan.heads
+        model = loaded.meta.model
+        assert heads is not None and tuple(heads.method_index.shape[1:]) == (
+            model.num_layers,
+            model.num_heads,
+        )
+        assert 0.0 < loaded.meta.density < 1.0
 
 
 def test_cli_preset_list_inspect_validate(saved, tmp_path, capsys):
