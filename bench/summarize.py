@@ -70,9 +70,35 @@ def comfyui_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def caching_table(records: list[dict]) -> str:
+    """Whole generations per model and configuration: time, speed-up over dense, compute share, peak memory."""
+    lines = [
+        "| model | size | steps | configuration | whole generation | vs dense | compute share | attention density "
+        "| peak memory over dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense_peak = {(r["model"], r["resolution"]): r["peak_bytes"] for r in records if r["config"] == "dense"}
+    for r in records:
+        key = (r["model"], r["resolution"])
+        size = r["resolution"] + (f"×{r['frames']}" if r.get("frames", 1) > 1 else "")
+        extra = (r["peak_bytes"] - dense_peak[key]) / 2**20 if key in dense_peak else None
+        extra_s = "—" if r["config"] == "dense" or extra is None else f"{extra:+.0f} MiB"
+        density = f"{r['density']:.3f}" if r.get("density") is not None else "—"
+        lines.append(
+            f"| {r['model']} | {size} | {r['steps']} | {r['config']} | {r['ms'] / 1000:.2f} s | {r['speedup']:.2f}× "
+            f"| {r['compute_fraction']:.2f} | {density} | {extra_s} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         recs = json.load(open(path))
+        if isinstance(recs, dict) and recs.get("meta", {}).get("bench") == "caching":
+            m = recs["meta"]
+            print(f"{m['device']}, torch {m['torch']}, diffusers {m['diffusers']}; baseline: the best dense backend\n")
+            print(caching_table(recs["records"]))
+            continue
         r0 = recs[0]
         if r0.get("bench") == "comfyui":
             print(
