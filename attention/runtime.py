@@ -264,6 +264,10 @@ class AttentionRuntime:
             return TokenLayout(seq_len, 0, True, layout.grid)  # image-only attention (e.g. SD3.5 attn2)
         return None
 
+    def call_layout(self, layout: TokenLayout | None, seq_len: int) -> TokenLayout | None:
+        """The layout a self-attention call of ``seq_len`` tokens runs on (None: it does not fit, dense)."""
+        return self._layout_for(layout, seq_len)
+
     def _dense(
         self, query, key, value, attn_mask, scale, reason: str, planned: bool, work: float, shard=None
     ):

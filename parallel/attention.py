@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from ..attention.runtime import AttentionRuntime, Shard
+from ..masks.block_mask import BlockMask
+from ..plans.methods import call_handler
 from . import balance
 from .comm import all_gather, guard, heads_to_seq, seq_to_heads
 from .mesh import ParallelMesh
@@ -60,12 +62,21 @@ class SequenceParallel:
     """This rank's share of every self-attention call under Ulysses x ring sequence parallelism.
 
     Args:
-        mesh: the process groups (:meth:`ParallelMesh.create`).
+        mesh: the process groups (:meth:`ParallelMesh.create`). With both degrees ``"auto"`` the mesh holds every
+            factorization of the world and each layer runs the one :func:`~.balance.choose_degrees` predicts
+            fastest for its mask (ring degrees are avoided where the ring would fall back).
         runtime: the model's :class:`~fastattn.attention.AttentionRuntime` (one per rank, same plan).
         backend: kernel backend of ring steps (``"auto"``, ``"triton"``, ``"reference"``).
+        latency_model: the :class:`~.balance.LatencyModel` of auto degrees (default: its H200 figures).
     """
 
-    def __init__(self, mesh: ParallelMesh, runtime: AttentionRuntime, backend: str = "auto"):
+    def __init__(
+        self,
+        mesh: ParallelMesh,
+        runtime: AttentionRuntime,
+        backend: str = "auto",
+        latency_model: balance.LatencyModel | None = None,
+    ):
         if not isinstance(mesh, ParallelMesh):
             raise TypeError(f"mesh must be a ParallelMesh, got {type(mesh).__name__}")
         if not isinstance(runtime, AttentionRuntime):
@@ -73,7 +84,11 @@ class SequenceParallel:
         self.mesh = mesh
         self.runtime = runtime
         self.backend = backend
+        self.latency_model = latency_model
+        self._exchanges: dict = {}  # call signature -> every rank's positions
         self._placements: dict = {}
+        self._degrees: dict = {}  # (layer, layout, heads, seq_len) -> (U, R), with auto degrees
+        self.degrees: dict[int, tuple[int, int]] = {}  # layer -> the (U, R) chosen for it
         self._orders: dict = {}  # (layer, layout, heads) -> head order or None
         self.imbalance: dict[int, tuple[float, float]] = {}  # layer -> (this order's ratio, contiguous ratio)
         # layout -> rows of positions per rank (None: contiguous), and the ring ratios or why not balanced
@@ -95,19 +110,16 @@ class SequenceParallel:
             raise TypeError(f"fastattn.parallel: q, k, v dtypes {query.dtype}, {key.dtype}, {value.dtype}")
         if not (query.device == key.device == value.device):
             raise ValueError(f"fastattn.parallel: q, k, v on {query.device}, {key.device}, {value.device}")
-        heads, u = query.shape[2], self.mesh.ulysses
-        if heads % u:
-            raise ValueError(
-                f"fastattn.parallel: ulysses {u} must divide the {heads} heads of the call (each Ulysses rank "
-                f"holds heads / ulysses of them)"
-            )
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             raise RuntimeError(
                 "fastattn.parallel: sequence-parallel attention is inference-only (its communication carries "
                 "no gradients); run under torch.no_grad() / torch.inference_mode()"
             )
 
-    def _placement(self, query, value, positions) -> _Placement:
+    def _exchange(self, query, value, positions) -> torch.Tensor:
+        """Every rank's positions ``[world, S_local]``, after checking that the ranks agree on the call. A
+        collective of the whole mesh, done once per (shapes, positions): every rank learns every rank's
+        signature, so a mismatch raises the same error everywhere."""
         mesh = self.mesh
         b, s_local, h, d = query.shape
         if positions is not None:
@@ -122,27 +134,13 @@ class SequenceParallel:
         device_ok = query.device.type == mesh.device.type
         pos_key = None if positions is None else hash(positions.numpy().tobytes())
         signature = (b, s_local, h, d, value.shape[-1], query.dtype, device_ok, pos_key)
-        hit = self._placements.get(signature)
+        hit = self._exchanges.get(signature)
         if hit is not None:
             return hit
-        world = mesh.world_size
-        # every rank learns every rank's signature and positions, so a mismatch raises the same error everywhere
-        meta = torch.tensor(
-            [
-                b,
-                s_local,
-                h,
-                d,
-                value.shape[-1],
-                _DTYPES.index(query.dtype),
-                int(device_ok),
-                int(positions is None),
-            ],
-            device=mesh.device,
-        )
-        metas = torch.stack(
-            all_gather(meta, mesh.world_group, world, "checking the call's shapes", mesh.config.timeout_s)
-        )
+        world, timeout = mesh.world_size, mesh.config.timeout_s
+        shape = [b, s_local, h, d, value.shape[-1], _DTYPES.index(query.dtype)]
+        meta = torch.tensor(shape + [int(device_ok), int(positions is None)], device=mesh.device)
+        metas = torch.stack(all_gather(meta, mesh.world_group, world, "checking the call's shapes", timeout))
         metas = metas.cpu()
         if not bool((metas == metas[:1]).all()) or not bool(metas[:, 6].all()):
             raise ValueError(
@@ -153,20 +151,28 @@ class SequenceParallel:
             every = torch.arange(seq_len).view(world, s_local)
         else:
             mine = positions.to(mesh.device)
-            every = torch.stack(
-                all_gather(mine, mesh.world_group, world, "exchanging positions", mesh.config.timeout_s)
-            )
+            every = torch.stack(all_gather(mine, mesh.world_group, world, "exchanging positions", timeout))
             every = every.cpu()
             if not torch.equal(every.flatten().sort().values, torch.arange(seq_len)):
                 raise ValueError(
                     f"fastattn.parallel: the ranks' positions must together hold every token 0..{seq_len - 1} "
                     f"exactly once ({world} ranks x {s_local} tokens); they do not"
                 )
+        if len(self._exchanges) > 16:
+            self._exchanges.clear()
+            self._placements.clear()
+        self._exchanges[signature] = every
+        return every
+
+    def _placement(self, mesh: ParallelMesh, every: torch.Tensor, device) -> _Placement:
+        """Where this rank's tokens are under ``mesh`` (cached per positions and degrees)."""
+        key = (id(every), mesh.ulysses, mesh.ring, device)
+        hit = self._placements.get(key)
+        if hit is not None and hit[0] is every:
+            return hit[1]
         u, r = mesh.ulysses, mesh.ring
-        chunks = []
-        for i in range(r):
-            group_positions = every[i * u : (i + 1) * u].flatten()  # all-to-all output order
-            chunks.append(group_positions)
+        seq_len = every.numel()
+        chunks = [every[i * u : (i + 1) * u].flatten() for i in range(r)]  # the all-to-all's token order
         mine = chunks[mesh.ring_rank]
         order = torch.argsort(mine)
         sorted_ = bool((order == torch.arange(len(mine))).all())
@@ -183,24 +189,82 @@ class SequenceParallel:
             )
         placement = _Placement(
             seq_len,
-            None if sorted_ else order.to(query.device),
-            None if sorted_ else torch.argsort(order).to(query.device),
+            None if sorted_ else order.to(device),
+            None if sorted_ else torch.argsort(order).to(device),
             mine.sort().values,
             ring,
         )
-        if len(self._placements) > 16:
-            self._placements.clear()
-        self._placements[signature] = placement
+        self._placements[key] = (every, placement)
         return placement
 
+    # ------------------------------------------------------------------ degrees (auto)
+    def _call_mesh(self, layer: int | None, ctx, query, seq_len: int) -> ParallelMesh:
+        """The mesh of this call: the fixed one, or with both degrees ``"auto"`` the ``(U, R)`` the latency
+        model predicts fastest for the layer (chosen once per layer and layout: caches keep their shapes)."""
+        mesh = self.mesh
+        if not mesh.auto or layer is None or ctx is None or ctx.layout is None:
+            return mesh
+        key = (layer, ctx.layout, query.shape[2], seq_len)
+        if key not in self._degrees:
+            self._degrees[key] = self._choose(layer, ctx.layout, query, seq_len)
+        return mesh.options.get(self._degrees[key], mesh)
+
+    def _choose(self, layer: int, layout, query, seq_len: int) -> tuple[int, int]:
+        rt, mesh = self.runtime, self.mesh
+        default = (mesh.ulysses, mesh.ring)
+        entries = rt.layer_masks(layer, layout, seq_len)
+        if entries:
+            mask = max(entries, key=lambda e: e[0])[1]  # the mask of the longest step group
+        else:
+            lay = rt.call_layout(layout, seq_len)
+            if lay is None:
+                return default
+            mask = BlockMask.dense(lay, rt.plan.block_size)
+        reason = self._ring_reason(layer)
+        b, _, heads, d = query.shape
+        try:
+            choice = balance.choose_degrees(
+                mask,
+                heads,
+                mesh.world_size,
+                head_dim=d,
+                batch=b,
+                dtype_bytes=query.element_size(),
+                ring_ok=reason is None,
+                ring_reason=reason or "",
+                method=mesh.config.balance,
+                model=self.latency_model,
+            )
+        except ValueError:
+            return default  # no option fits: the mesh's own degrees say why at the call
+        self.degrees[layer] = (choice.ulysses, choice.ring)
+        return choice.ulysses, choice.ring
+
+    def _ring_reason(self, layer: int) -> str | None:
+        """Why a ring would fall back on this layer's calls (then auto degrees avoid it), or None."""
+        plan = self.runtime.plan
+        table = plan.heads
+        if table is None and call_handler(plan.method) is not None:
+            return "dynamic (top-p) selection reads the whole sequence"
+        if plan.quant != "none":
+            return "quantized plan: keys and values all-gathered under a ring"
+        if table is not None and 0 <= layer < table.num_layers:
+            if table.order_index is not None and bool((table.order_index[:, layer] != 0).any()):
+                return "reordered (PARO) heads: all-gathered under a ring"
+            if table.quant_index is not None and bool((table.quant_index[:, layer] > 0).any()):
+                return "quantized heads: keys and values all-gathered under a ring"
+        return None
+
     # ------------------------------------------------------------------ head order (db-SP)
-    def head_order(self, layer: int | None, layout, heads: int, seq_len: int) -> torch.Tensor | None:
-        """Global head ids grouped by Ulysses rank for ``layer`` (None: contiguous). The same on every rank (the
-        plan is), and fixed per layer for the whole run."""
-        u = self.mesh.ulysses
+    def head_order(
+        self, layer: int | None, layout, heads: int, seq_len: int, ulysses: int | None = None
+    ) -> torch.Tensor | None:
+        """Global head ids grouped by Ulysses rank for ``layer`` over ``ulysses`` ranks (default: the mesh's);
+        None: contiguous. The same on every rank (the plan is), and fixed per layer for the whole run."""
+        u = self.mesh.ulysses if ulysses is None else ulysses
         if self.mesh.config.balance == "none" or u == 1 or layer is None or layout is None:
             return None
-        key = (layer, layout, heads, seq_len)
+        key = (layer, layout, heads, seq_len, u)
         if key not in self._orders:
             loads = self.runtime.head_loads(layer, layout, seq_len)
             order = None
@@ -222,11 +286,11 @@ class SequenceParallel:
         (:func:`~.balance.assign_blocks_ring`) chooses on the plan's block loads summed over layers, heads and
         step groups (one token split serves every layer), cut into equal pieces for the Ulysses ranks
         (:func:`~.balance.rank_positions`); whole blocks, so the ring runs natively. None when nothing is
-        balanced (one rank in the ring, ``balance="none"``, dense or dynamic plans) or when the blocks cannot
+        balanced (one rank in the ring, auto degrees, ``balance="none"``, dense or dynamic plans) or when the blocks cannot
         give every rank the same token count; :attr:`ring_balance` says which, per layout. The same on every
         rank (the plan is)."""
         mesh = self.mesh
-        if mesh.ring == 1 or mesh.config.balance == "none" or layout is None:
+        if mesh.ring == 1 or mesh.auto or mesh.config.balance == "none" or layout is None:
             return None
         if layout not in self._ring_positions:
             self._ring_positions[layout] = self._balanced_positions(layout)
@@ -280,12 +344,19 @@ class SequenceParallel:
             ``[B, S_local, H, D]``: this rank's rows of the one-process ``runtime.attend`` on the whole sequence.
         """
         self._check(query, key, value)
-        mesh = self.mesh
-        place = self._placement(query, value, positions)
-        heads, u = query.shape[2], mesh.ulysses
+        every = self._exchange(query, value, positions)
+        seq_len = every.numel()
         ctx = state.ctx if state is not None else None
         layer_index = layer if layer is not None else (state.layer_counter if state is not None else None)
-        order = self.head_order(layer_index, ctx.layout if ctx is not None else None, heads, place.seq_len)
+        mesh = self._call_mesh(layer_index, ctx, query, seq_len)
+        heads, u = query.shape[2], mesh.ulysses
+        if heads % u:
+            raise ValueError(
+                f"fastattn.parallel: ulysses {u} must divide the {heads} heads of the call (each Ulysses rank "
+                f"holds heads / ulysses of them)"
+            )
+        place = self._placement(mesh, every, query.device)
+        order = self.head_order(layer_index, ctx.layout if ctx is not None else None, heads, seq_len, u)
         held = (order if order is not None else torch.arange(heads)).view(u, -1)[mesh.ulysses_rank]
         timeout = mesh.config.timeout_s
         if value.shape[-1] == query.shape[-1]:
@@ -296,7 +367,7 @@ class SequenceParallel:
         if place.sort is not None:
             q, k, v = (x.index_select(1, place.sort) for x in (q, k, v))
         mask = self._local_mask(attn_mask, held, place, heads)
-        shard = Shard(tuple(held.tolist()), place.seq_len, place.ring)
+        shard = Shard(tuple(held.tolist()), seq_len, place.ring)
         out = self.runtime.attend(state, q, k, v, mask, scale, layer=layer, shard=shard)
         if place.unsort is not None:
             out = out.index_select(1, place.unsort)
@@ -337,6 +408,7 @@ class SequenceParallel:
             head_imbalance_contiguous={layer: round(b, 4) for layer, (_, b) in self.imbalance.items()},
             mean_head_imbalance=sum(a for a, _ in ratios) / len(ratios) if ratios else 1.0,
             ring_balance={str(lay): v for lay, v in self.ring_balance.items()},
+            degrees=dict(self.degrees),
         )
         return merged
 

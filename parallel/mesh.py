@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import ParallelError, global_ranks, guard
-from .config import ParallelConfig
+from .config import AUTO, ParallelConfig
 
 
 def init_process_group(config: ParallelConfig | dict | None = None, backend: str | None = None) -> None:
@@ -66,6 +66,7 @@ class ParallelMesh:
     ring_group: object
     device: torch.device
     world_group: object = None
+    options: dict | None = None  # (ulysses, ring) -> mesh, when the degrees are chosen per layer
 
     @property
     def ulysses(self) -> int:
@@ -94,7 +95,15 @@ class ParallelMesh:
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         u, r = config.degrees(world, heads)
-        config = ParallelConfig(u, r, config.balance, config.timeout_s)
+        # both degrees "auto": SequenceParallel picks (U, R) per layer among every factorization of the world
+        auto = config.ulysses == AUTO and config.ring == AUTO
+        candidates = [(u, r)]
+        if auto:
+            candidates += [
+                (d, world // d)
+                for d in range(world, 0, -1)
+                if world % d == 0 and (heads is None or heads % d == 0) and d != u
+            ]
         backend = dist.get_backend(group)
         device = (
             torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
@@ -109,22 +118,20 @@ class ParallelMesh:
                 dist.barrier(group)
         # new_group is collective over the whole world: every rank creates every sub-group, in the same order
         world_group = dist.new_group(members, timeout=timeout)
-        ulysses_group = ring_group = None
-        for i in range(r):
-            g = dist.new_group([members[i * u + j] for j in range(u)], timeout=timeout)
-            if i == rank // u:
-                ulysses_group = g
-        for j in range(u):
-            g = dist.new_group([members[i * u + j] for i in range(r)], timeout=timeout)
-            if j == rank % u:
-                ring_group = g
-        if ulysses_group is None or ring_group is None:
-            raise ParallelError(
-                f"fastattn.parallel: rank {rank} found no sub-group (world {world}, {u} x {r})"
-            )
-        return cls(
-            config, group, rank, world, rank % u, rank // u, ulysses_group, ring_group, device, world_group
-        )
+        meshes = {}
+        for uu, rr in candidates:
+            groups = _sub_groups(members, rank, uu, rr, timeout)
+            cfg = ParallelConfig(uu, rr, config.balance, config.timeout_s)
+            meshes[uu, rr] = cls(cfg, group, rank, world, rank % uu, rank // uu, *groups, device, world_group)
+        mesh = meshes[u, r]
+        if auto and len(meshes) > 1:
+            object.__setattr__(mesh, "options", meshes)
+        return mesh
+
+    @property
+    def auto(self) -> bool:
+        """Degrees chosen per layer (both ``"auto"``): :attr:`options` holds a mesh per candidate ``(U, R)``."""
+        return self.options is not None
 
     def describe(self) -> dict:
         return {
@@ -137,3 +144,19 @@ class ParallelMesh:
             "balance": self.config.balance,
             "device": str(self.device),
         }
+
+
+def _sub_groups(members: list[int], rank: int, u: int, r: int, timeout) -> tuple:
+    """This rank's (Ulysses group, ring group) of a ``u x r`` grid; every rank creates every group."""
+    ulysses_group = ring_group = None
+    for i in range(r):
+        g = dist.new_group([members[i * u + j] for j in range(u)], timeout=timeout)
+        if i == rank // u:
+            ulysses_group = g
+    for j in range(u):
+        g = dist.new_group([members[i * u + j] for i in range(r)], timeout=timeout)
+        if j == rank % u:
+            ring_group = g
+    if ulysses_group is None or ring_group is None:
+        raise ParallelError(f"fastattn.parallel: rank {rank} found no sub-group ({u} x {r})")
+    return ulysses_group, ring_group

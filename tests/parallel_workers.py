@@ -270,6 +270,7 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
                 imbalance=stats["parallel"]["head_imbalance"],
                 imbalance_contiguous=stats["parallel"]["head_imbalance_contiguous"],
                 ring_balance=stats["parallel"]["ring_balance"],
+                degrees=stats["parallel"]["degrees"],
             )
         )
     return out

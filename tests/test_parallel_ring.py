@@ -56,10 +56,16 @@ def test_ring_two_ranks_equal_one_process():
         (_case("dynamic"), (DYNAMIC,)),
         (_case("window3d", mask="padding"), (PADDING, MASK)),  # sparse over the kept tokens; layer 0 dense
         (_case("window3d", mask="float"), (MASK,)),  # a float mask runs dense, in one process too
+        # auto degrees, per layer: reordered heads keep off the ring; 3 heads cannot split over 2 Ulysses ranks
+        (_case("per_head", ulysses="auto", ring="auto"), ()),
+        (_case("window3d", ulysses="auto", ring="auto", heads=3), ()),
     ]
     results = pw.values(pw.launch(pw.exactness, 2, [c for c, _ in cases]))
     _check(results, [n for _, n in cases])
-    padded, masked = results[0][-2:]
+    reordered, three_heads = results[0][-2:]
+    assert reordered["degrees"] == {0: (2, 1), 1: (2, 1)}, reordered
+    assert three_heads["degrees"] == {0: (1, 2), 1: (1, 2)}, three_heads
+    padded, masked = results[0][-4:-2]
     assert padded["fallbacks"] == {}, padded
     # each rank counts its share of every call: summed over 2 ranks, twice the one-process counts
     assert masked["fallbacks"] == {k: 2 * n for k, n in masked["ref_fallbacks"].items()} != {}, masked
