@@ -7,7 +7,9 @@ the same Ulysses index form a ring group (they hold the same heads and pass key/
 
 :func:`init_process_group` starts torch.distributed from torchrun's environment with the config's timeout (NCCL
 on CUDA, gloo on the CPU); :meth:`ParallelMesh.create` then checks that every rank joined (a monitored barrier on
-gloo names the ranks that did not) and builds the sub-groups.
+gloo names the ranks that did not) and builds the sub-groups. With both degrees ``"auto"`` it builds the sub-groups
+of every factorization ``U x R`` of the world (Ulysses dividing the heads when they are given) in
+:attr:`ParallelMesh.options`, and :class:`~.attention.SequenceParallel` picks one per layer.
 """
 
 from __future__ import annotations

@@ -150,6 +150,9 @@ def make_plan(name: str, layers: int, heads: int):
         return AttentionPlan(Window3DConfig(window=(1, 2, 2)), block_size=BS, dense_layers=(0,))
     if name == "radial":
         return AttentionPlan(RadialConfig(window=(2, 3)), block_size=BS)
+    if name == "shared":  # attention outputs reused across steps (AST)
+        cache = dict(attn_share_interval=2, first_steps=1, last_steps=1)
+        return AttentionPlan(Window3DConfig(window=(1, 2, 2)), block_size=BS, cache=cache)
     if name == "int8":
         return AttentionPlan(Window3DConfig(window=(1, 3, 3)), quant="int8", block_size=BS)
     if name == "dynamic":
@@ -266,6 +269,8 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
                 ref_density=ref_stats["density"],
                 ref_fallbacks=ref_stats["fallbacks"],
                 head_reuses=stats["head_reuses"],
+                reused_calls=stats["reused_calls"],
+                ref_reused_calls=ref_stats["reused_calls"],
                 ref_head_reuses=ref_stats["head_reuses"],
                 imbalance=stats["parallel"]["head_imbalance"],
                 imbalance_contiguous=stats["parallel"]["head_imbalance_contiguous"],

@@ -50,6 +50,7 @@ def test_ring_two_ranks_equal_one_process():
         (_case("radial", layout="ragged", positions="ragged_whole"), ()),  # ragged blocks, not contiguous
         (_case("window3d", dtype="bfloat16"), ()),
         (_case("reuse", steps=4), ()),
+        (_case("shared", steps=5), ()),
         (_case("window3d", positions="interleaved"), (NOT_WHOLE,)),
         (_case("per_head"), (PERM,)),  # its int8 heads carry the table's permutation too
         (_case("int8"), (QUANT,)),

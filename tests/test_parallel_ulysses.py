@@ -32,6 +32,7 @@ def test_ulysses_two_ranks_equal_one_process():
         _case("int8"),
         _case("dynamic"),
         _case("reuse", steps=4),
+        _case("shared", steps=5),
         _case("window3d", mask="padding"),
         _case("window3d", positions="flux"),
         _case("radial", dtype="bfloat16", layout="ragged", positions="ragged_whole"),
@@ -51,6 +52,8 @@ def test_ulysses_two_ranks_equal_one_process():
         for layer in balanced["imbalance"]
     )
     assert plain["imbalance"] == {}  # balance="none": contiguous order, nothing computed
+    shared = by_name[("shared", "db-sp")]
+    assert shared["reused_calls"] == 2 * shared["ref_reused_calls"] > 0  # each rank reuses its share
     reuse = by_name[("reuse", "db-sp")]
     assert reuse["head_reuses"] == reuse["ref_head_reuses"] > 0  # each rank reused its share of the heads
 
