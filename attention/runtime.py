@@ -26,9 +26,9 @@ from ..attn_kernels import ops as kernel_ops
 from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..caching import RuntimeCache
 from ..masks.block_mask import BlockMask
-from ..masks.layout import AXIS_ORDERS, TokenLayout
+from ..masks.layout import AXIS_ORDERS, BlockGeometry, TokenLayout
 from ..masks.permutations import head_permutations
-from ..plans.methods import DenseConfig, MethodConfig, build_mask, call_handler
+from ..plans.methods import BlockMapConfig, DenseConfig, MethodConfig, build_mask, call_handler
 from ..plans.schema import AttentionPlan
 from . import dynamic  # noqa: F401  (registers the dynamic method's per-call handler)
 from .context import ForwardContext, ForwardState
@@ -110,6 +110,8 @@ class HeadWork:
         all_groups: the same for every head (when nothing is cached yet).
         reuse: bool ``[H]`` of heads that return their cached output, or None.
         all_dense: every head runs the model's exact dense attention (no kernel needed).
+        dense_heads: ``(reason, heads)`` for heads the plan gives a method that cannot serve this layout,
+            computed with a full mask instead (counted per call in the stats' notes).
     """
 
     mask: BlockMask
@@ -118,6 +120,7 @@ class HeadWork:
     all_groups: tuple[tuple[str, torch.Tensor | None], ...]
     reuse: torch.Tensor | None = None
     all_dense: bool = False
+    dense_heads: tuple[tuple[str, int], ...] = ()
 
 
 class AttentionRuntime:
@@ -501,12 +504,18 @@ class AttentionRuntime:
     def _build_work(self, row, layout: TokenLayout) -> HeadWork:
         table, bs = self.plan.heads, self.plan.block_size
         masks, orders, quants, reuse = [], [], [], []
-        for method_i, order_i, quant_i, reuse_h in row:
+        unfit = 0
+        for method_i, order_i, quant_i, map_i, reuse_h in row:
             cfg = table.methods[method_i]
             order = AXIS_ORDERS[order_i]
             if order != "FHW" and "order" in {f.name for f in dataclasses.fields(cfg)}:
                 cfg = dataclasses.replace(cfg, order=order)  # the window in grid coordinates, reordered
-            masks.append(self.masks.get(cfg, layout, bs))
+            if isinstance(cfg, BlockMapConfig):
+                mask = self._map_mask(map_i, layout)
+                unfit += mask is None
+                masks.append(mask if mask is not None else self.masks.get(DenseConfig(), layout, bs))
+            else:
+                masks.append(self.masks.get(cfg, layout, bs))
             orders.append(order)
             quants.append(self.plan.quant if quant_i < 0 else QUANT_MODES[quant_i])
             reuse.append(bool(reuse_h))
@@ -520,7 +529,17 @@ class AttentionRuntime:
             _quant_groups(quants, [False] * len(quants)),
             torch.tensor(reuse) if any(reuse) else None,
             all_dense and not any(reuse),
-        )
+            ((f"blockmap heads on a layout of another block grid than calibrated ({table.map_blocks} blocks): "
+              "computed with a full mask", unfit),) if unfit else (),
+        )  # fmt: skip
+
+    def _map_mask(self, map_i: int, layout: TokenLayout) -> BlockMask | None:
+        """A ``blockmap`` head's mask: its stored map (already in the head's axis order), or None when the
+        map's block grid is not this layout's (another resolution, or text padding dropped)."""
+        maps, bs = self.plan.heads.block_maps, self.plan.block_size
+        if maps.shape[-1] != BlockGeometry(layout, bs).num_blocks:
+            return None
+        return BlockMask.from_block_map(maps[map_i], layout, bs)
 
     def _sparse(self, q, k, v, call, work: HeadWork | None, count: bool = True):
         plan = self.plan
@@ -601,6 +620,8 @@ class AttentionRuntime:
             if self.cache.store.admit(out.numel() * out.element_size(), kind="heads"):
                 self.head_outputs[slot] = out.detach()  # else over cache_budget_gb: the next step computes
                 self.cache.store.note_peak()
+        for reason, heads in work.dense_heads:
+            self.stats.notes[reason] += heads
         density = _computed_density(work.mask, computed, q.shape[1])
         return out, fallback, density
 

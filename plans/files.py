@@ -12,7 +12,8 @@ A plan directory holds two files:
        "meta": PlanMeta.to_dict()}                            # model fingerprint, layout, provenance
 
 * ``plan.safetensors`` -- only when ``heads`` is not null: the head table's tensors, each ``[G, L, H]``
-  (``method_index`` / ``order_index`` / ``quant_index``: signed int8-int64 or uint8; ``reuse``: bool).
+  (``method_index`` / ``order_index`` / ``quant_index`` / ``map_index``: signed int8-int64 or uint8;
+  ``reuse``: bool), and ``block_maps`` (bool ``[M, n, n]``) when the table has ``blockmap`` heads.
   ``meta.tensors_sha256`` is its sha256. A plan without a head table has no ``plan.safetensors``
   (``save_plan`` removes a stale one; loading never reads it).
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..masks.layout import TokenLayout
-from .heads import TABLE_TENSORS, HeadTable
+from .heads import STORED_TENSORS, TENSOR_KINDS, HeadTable
 from .meta import ModelFingerprint, PlanMeta
 from .methods import describe, method_from_name
 from .schema import AttentionPlan
@@ -54,8 +55,8 @@ MAX_ST_HEADER_BYTES = 64 << 10
 MAX_TABLE_DIM = 1 << 14  # per axis of [G, L, H]
 MAX_PALETTE = 1024
 _INDEX_DTYPES = {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1}  # safetensors dtype -> bytes per element
-_TENSOR_DTYPES = {"method_index": _INDEX_DTYPES, "order_index": _INDEX_DTYPES, "quant_index": _INDEX_DTYPES,
-                  "reuse": {"BOOL": 1}}  # fmt: skip
+_KIND_DTYPES = {"index": _INDEX_DTYPES, "bool": {"BOOL": 1}}
+_TENSOR_DTYPES = {name: _KIND_DTYPES[kind] for name, kind in TENSOR_KINDS.items()}
 _HEADER_KEYS = {"format", "format_version", "plan", "heads", "meta"}
 _HEADS_KEYS = {"methods", "step_bounds", "tensors"}
 GRID_METHODS = frozenset({"window3d", "radial", "multi_diagonal"})  # methods whose masks follow the grid
@@ -321,6 +322,11 @@ def _build(header, where: str, read_tensors: Callable[[], tuple[bytes, str]]):
         except (TypeError, ValueError) as e:
             raise PlanFileError(f"{twhere}: {e}") from None
         plan = plan.replace(heads=table)
+        if meta.layout is not None:
+            try:
+                table.check_layout(meta.layout, plan.block_size)
+            except ValueError as e:
+                raise PlanFileError(f"{where}: the plan does not fit its own meta.layout: {e}") from None
     if meta.model is not None and meta.model.num_layers is not None:
         try:
             plan.check_model(meta.model.num_layers, meta.model.num_heads)
@@ -350,9 +356,9 @@ def _heads_header(heads, where: str):
         raise PlanFileError(f"{where}: heads.step_bounds must be a list of 2..{MAX_TABLE_DIM + 1} numbers")
     names = heads["tensors"]
     if (not isinstance(names, list) or "method_index" not in names or len(set(names)) != len(names)
-            or not set(names) <= set(TABLE_TENSORS)):  # fmt: skip
+            or not set(names) <= set(STORED_TENSORS)):  # fmt: skip
         raise PlanFileError(
-            f"{where}: heads.tensors must list distinct names among {list(TABLE_TENSORS)} including "
+            f"{where}: heads.tensors must list distinct names among {list(STORED_TENSORS)} including "
             f"'method_index', got {names!r}"
         )
     return methods, bounds, names
@@ -426,8 +432,9 @@ def check_fingerprint(meta: PlanMeta, fingerprint: ModelFingerprint | None, adap
 
     A difference in family, layers, heads or head_dim (fields both sides know) raises
     :class:`PlanMismatchError` listing them. A different ``layout`` matters only for grid-based plans
-    (``window3d``, ``radial``, ``multi_diagonal`` or reordered heads; all when ``plan`` is None): refused
-    unless ``adapt``, then reported (windows stay in tokens; target densities are re-searched per layout).
+    (``window3d``, ``radial``, ``multi_diagonal``, reordered or ``blockmap`` heads; all when ``plan`` is None):
+    refused unless ``adapt``, then reported (windows stay in tokens; target densities are re-searched per
+    layout). Block maps whose block grid differs from ``layout``'s are refused even with ``adapt``.
     """
     adapted: list[str] = []
     if fingerprint is not None:
@@ -445,6 +452,11 @@ def check_fingerprint(meta: PlanMeta, fingerprint: ModelFingerprint | None, adap
                 plan.check_model(fingerprint.num_layers, fingerprint.num_heads)
             except ValueError as e:
                 raise PlanMismatchError(f"this plan does not fit the model: {e}") from None
+    if layout is not None and plan is not None and plan.heads is not None:
+        try:
+            plan.heads.check_layout(layout, plan.block_size)  # data maps cannot be adapted to other blocks
+        except ValueError as e:
+            raise PlanMismatchError(f"this plan does not fit this call's layout: {e}") from None
     if layout is not None and meta.layout is not None and layout != meta.layout:
         if plan is None or _grid_bound(plan):
             what = f"plan made for layout {_fmt_layout(meta.layout)}, this call runs {_fmt_layout(layout)}"
@@ -462,7 +474,8 @@ def _grid_bound(plan: AttentionPlan) -> bool:
     reordered = (
         plan.heads is not None and plan.heads.order_index is not None and bool(plan.heads.order_index.any())
     )
-    return reordered or any(m.name in GRID_METHODS for m in methods)
+    maps = plan.heads is not None and plan.heads.block_maps is not None
+    return reordered or maps or any(m.name in GRID_METHODS for m in methods)
 
 
 def _fmt_layout(lay: TokenLayout) -> str:

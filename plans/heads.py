@@ -5,6 +5,10 @@ A :class:`HeadTable` is a palette of method configs plus small integer tensors i
 diagonal / multi-diagonal / stripes / skipped heads; DiTFastAttn-v2: arrow windows + head-wise reuse) are
 tables; a structural preset is the special case "one method for every head" and needs no table.
 
+A ``blockmap`` head (PARO's calibrated mask) reads its blocks from ``block_maps`` (bool ``[M, n, n]``, the
+calibrated layout's ``n`` blocks, in the head's axis order), row ``map_index[g, l, h]``: the maps are data of
+the table, saved beside the index tensors.
+
 Tensors, not Python lists per layer: the table is saved as-is in a plan file's safetensors, and the
 runtime turns each distinct (group, layer) row into one cached piece of per-head work.
 """
@@ -16,12 +20,19 @@ from dataclasses import dataclass
 import torch
 
 from ..attn_kernels.quantize import MODES as QUANT_MODES
-from ..masks.layout import AXIS_ORDERS
-from .methods import MethodConfig
+from ..masks.layout import AXIS_ORDERS, BlockGeometry, TokenLayout
+from .methods import BlockMapConfig, MethodConfig
 
-# quant index -1: the plan's own ``quant``
+# quant index -1: the plan's own ``quant``; map index -1: the head has no block map
 QUANT_FROM_PLAN = -1
-TABLE_TENSORS = ("method_index", "order_index", "quant_index", "reuse")
+NO_MAP = -1
+# per-head tensors [G, L, H], in the order of a head's key (reuse last); then the table's other tensors
+TABLE_TENSORS = ("method_index", "order_index", "quant_index", "map_index", "reuse")
+_DEFAULTS = {"order_index": 0, "quant_index": QUANT_FROM_PLAN, "map_index": NO_MAP, "reuse": False}
+STORED_TENSORS = TABLE_TENSORS + ("block_maps",)
+# what each stored tensor holds: "index" (signed or unsigned integers) or "bool"
+TENSOR_KINDS = {"method_index": "index", "order_index": "index", "quant_index": "index", "map_index": "index",
+                "reuse": "bool", "block_maps": "bool"}  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +51,9 @@ class HeadTable:
             ``None``: the plan's ``quant`` everywhere.
         reuse: bool ``[G, L, H]``: the head returns its output of the latest step it computed (same layer
             and CFG pass) instead of attending (DiTFastAttn-v2 head-wise reuse); ``None``: never.
+        map_index: int ``[G, L, H]`` into ``block_maps`` for the ``blockmap`` heads, ``-1`` elsewhere.
+        block_maps: bool ``[M, n, n]``: per map, the key blocks of each query block (``n`` blocks of the
+            calibrated layout at the plan's ``block_size``, in the head's axis order).
     """
 
     methods: tuple[MethodConfig, ...]
@@ -48,6 +62,8 @@ class HeadTable:
     order_index: torch.Tensor | None = None
     quant_index: torch.Tensor | None = None
     reuse: torch.Tensor | None = None
+    map_index: torch.Tensor | None = None
+    block_maps: torch.Tensor | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -66,6 +82,7 @@ class HeadTable:
                 raise TypeError("heads.reuse must be a bool tensor [groups, layers, heads]")
             if tuple(self.reuse.shape) != shape:
                 raise ValueError(f"heads.reuse has shape {tuple(self.reuse.shape)}, method_index {shape}")
+        self._check_maps(shape)
         b = self.step_bounds
         if len(b) != shape[0] + 1 or b[0] != 0.0 or b[-1] != 1.0 or any(x >= y for x, y in zip(b, b[1:])):
             raise ValueError(
@@ -81,10 +98,61 @@ class HeadTable:
             keys.append(row)
         object.__setattr__(self, "_keys", keys)
 
+    def _check_maps(self, shape) -> None:
+        """``blockmap`` heads need a map, maps need ``blockmap`` heads; every query block keeps a key block."""
+        maps, index = self.block_maps, self.map_index
+        uses = torch.zeros(shape, dtype=torch.bool)
+        for i, m in enumerate(self.methods):
+            if isinstance(m, BlockMapConfig):
+                uses |= self.method_index == i
+        if maps is None:
+            if index is not None:
+                raise ValueError("heads.map_index is given without heads.block_maps")
+            if uses.any():
+                raise ValueError("heads use method 'blockmap' but the table has no block_maps / map_index")
+            return
+        if not isinstance(maps, torch.Tensor) or maps.dtype != torch.bool:
+            raise TypeError(f"heads.block_maps must be a bool tensor [maps, blocks, blocks], not {_kind(maps)}")
+        if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or 0 in maps.shape:
+            raise ValueError(
+                f"heads.block_maps must be [maps, blocks, blocks] (square, non-empty), got {tuple(maps.shape)}"
+            )
+        if index is None:
+            raise ValueError("heads.block_maps is given without heads.map_index ([groups, layers, heads])")
+        _check_int_table("map_index", index, shape, NO_MAP, maps.shape[0] - 1)
+        if bool((uses & (index < 0)).any()):
+            raise ValueError("a 'blockmap' head has map_index -1: each blockmap head needs a block map")
+        if bool((~uses & (index >= 0)).any()):
+            raise ValueError("heads.map_index names a block map for a head whose method is not 'blockmap'")
+        empty = ~maps.any(-1)
+        if bool(empty.any()):
+            m, q = empty.nonzero()[0].tolist()
+            raise ValueError(
+                f"heads.block_maps[{m}] leaves query block {q} with no key block (its output would be zeros)"
+            )
+
+    @property
+    def map_blocks(self) -> int | None:
+        """Blocks per side of the block maps (``None``: no maps)."""
+        return None if self.block_maps is None else self.block_maps.shape[-1]
+
+    def check_layout(self, layout: TokenLayout, block_size: int) -> None:
+        """Raise unless the block maps (if any) fit ``layout`` cut into ``block_size`` blocks."""
+        n = self.map_blocks
+        if n is None:
+            return
+        have = BlockGeometry(layout, block_size).num_blocks
+        if have != n:
+            raise ValueError(
+                f"the plan's block maps are {n} x {n} blocks; seq_len {layout.seq_len} (text {layout.text_len}, "
+                f"grid {layout.grid}) in blocks of {block_size} has {have}: block maps only fit the layout they "
+                "were calibrated at"
+            )
+
     def _column(self, name: str, g: int, layer: int) -> list:
         t = getattr(self, name)
         if t is None:
-            default = {"order_index": 0, "quant_index": QUANT_FROM_PLAN, "reuse": False}[name]
+            default = _DEFAULTS[name]
             return [default] * self.num_heads
         return t[g, layer].tolist()
 
@@ -109,8 +177,8 @@ class HeadTable:
                 return g
         return self.num_groups - 1
 
-    def heads_at(self, group: int, layer: int) -> tuple[tuple[int, int, int, bool], ...]:
-        """Per head ``(method index, order index, quant index, reuse)`` (a hashable cache key)."""
+    def heads_at(self, group: int, layer: int) -> tuple[tuple[int, int, int, int, bool], ...]:
+        """Per head ``(method index, order index, quant index, map index, reuse)`` (a hashable cache key)."""
         return self._keys[group][layer]
 
     def reuses_anywhere(self, layer: int) -> bool:
@@ -128,7 +196,7 @@ class HeadTable:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The table's tensors by name (what a plan file stores in its safetensors)."""
-        return {n: getattr(self, n).contiguous() for n in TABLE_TENSORS if getattr(self, n) is not None}
+        return {n: getattr(self, n).contiguous() for n in STORED_TENSORS if getattr(self, n) is not None}
 
     def describe(self) -> dict:
         counts: dict[str, int] = {}
@@ -144,7 +212,12 @@ class HeadTable:
             "head_methods": counts,
             "reordered_heads": int((self.order_index != 0).sum()) if self.order_index is not None else 0,
             "reuse_heads": int(self.reuse.sum()) if self.reuse is not None else 0,
+            "block_maps": 0 if self.block_maps is None else self.block_maps.shape[0],
         }
+
+
+def _kind(x) -> str:
+    return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _check_int_table(name, t, shape, lo: int, hi: int):

@@ -259,11 +259,30 @@ class SkipConfig(MethodConfig):
 
     name: ClassVar[str] = "skip"
 
+@dataclass(frozen=True)
+class BlockMapConfig(MethodConfig):
+    """PAROAttention's calibrated block mask: the head computes the key blocks listed in its own block map.
+
+    The map is data, not a rule: a bool ``[nQ, nK]`` of the calibrated layout's blocks, in the head's axis
+    order, stored in the plan's head table (``HeadTable.block_maps``, chosen per head by ``map_index``;
+    calibration thresholds it from pooled attention). So only a head table can run this method.
+
+    Args:
+        density: the block density the map was thresholded at (informational; the map says which blocks).
+    """
+
+    name: ClassVar[str] = "blockmap"
+    density: float | None = None
+
+    def __post_init__(self):
+        _check_density(self.density, self.name)
+
+
 METHODS: dict[str, type[MethodConfig]] = {
     c.name: c
     for c in (
         DenseConfig, Window3DConfig, RadialConfig, BandConfig, ArrowConfig, DynamicConfig, MultiDiagonalConfig,
-        StripesConfig, SkipConfig,
+        StripesConfig, SkipConfig, BlockMapConfig,
     )  # fmt: skip
 }
 
@@ -285,6 +304,8 @@ def register_method_handler(config_type: type):
 def build_mask(config: MethodConfig, layout: TokenLayout, block_size: int) -> BlockMask:
     """The structural block mask of ``config`` on ``layout`` (head-shared, on the CPU)."""
     handler = _HANDLERS.get(type(config))
+    if isinstance(config, BlockMapConfig):
+        raise TypeError("method 'blockmap' has no rule: its blocks are data of a plan's head table (block_maps)")
     if handler is None:
         kind = "is chosen per call (see call_handler)" if type(config) in _CALL_HANDLERS else "has no handler"
         raise TypeError(f"method {config.name!r} ({type(config).__name__}) {kind}, not a structural mask")

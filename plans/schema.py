@@ -23,7 +23,7 @@ from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..caching.config import CacheConfig
 from ..caching.store import STORAGES as CACHE_STORAGES
 from .heads import HeadTable
-from .methods import METHODS, DenseConfig, MethodConfig, describe, method_from_name
+from .methods import METHODS, BlockMapConfig, DenseConfig, MethodConfig, describe, method_from_name
 
 _NOT_SETTINGS = ("method", "heads")  # structured fields: not plain keyword settings
 # Caching settings at their defaults are left out of to_dict: plans without caching read and write as before.
@@ -126,6 +126,11 @@ class AttentionPlan:
             raise TypeError(f"cache_offload must be True or False, got {self.cache_offload!r}")
         if self.heads is not None and not isinstance(self.heads, HeadTable):
             raise TypeError(f"heads must be a HeadTable or None, got {type(self.heads).__name__}")
+        if isinstance(self.method, BlockMapConfig):
+            raise ValueError(
+                "method 'blockmap' runs per-head block maps stored in a head table: it cannot be a plan's method "
+                "(calibrate a plan, or load one that has block maps)"
+            )
 
     # ------------------------------------------------------------------ derived views of the schema
     @classmethod

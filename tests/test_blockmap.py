@@ -1,0 +1,168 @@
+"""PARO's calibrated block maps ("blockmap" heads): data in the plan file, run by the runtime as masked attention
+in the head's axis order, chosen by calibration where they beat the fixed candidates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fastattn.attention import AttentionRuntime, ForwardContext
+from fastattn.masks import TokenLayout, head_permutations
+from fastattn.masks.block_mask import BlockMask
+from fastattn.masks.layout import BlockGeometry
+from fastattn.plans import AttentionPlan, BandConfig, BlockMapConfig, DenseConfig, HeadTable, build_mask
+from fastattn.plans.files import PLAN_JSON, PlanFileError, PlanMismatchError, load_plan, save_plan
+from fastattn.plans.meta import ModelFingerprint, PlanMeta
+
+LAYOUT = TokenLayout.video(4, 8, 8, text_len=10, text_first=True)  # 266 tokens: 2 text + 32 image blocks of 8
+BS = 8
+N = BlockGeometry(LAYOUT, BS).num_blocks
+FP = ModelFingerprint("wan", "WanTransformer3DModel", 2, 4, 16)
+
+
+def _random_maps(count: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(count, N, N, generator=g) < 0.3
+    maps |= torch.eye(N, dtype=torch.bool)  # every query block keeps a key block
+    return maps
+
+
+def _table(maps: torch.Tensor) -> HeadTable:
+    """Layer 0: blockmap heads 0 (FHW, map 0) and 1 (HWF, map 1), a band head and a dense head; layer 1 band."""
+    methods = (BandConfig(window=12), BlockMapConfig(density=0.3), DenseConfig())
+    return HeadTable(
+        methods,
+        torch.tensor([[[1, 1, 0, 2], [0, 0, 0, 0]]]),
+        order_index=torch.tensor([[[0, 3, 0, 0], [0, 0, 0, 0]]]),
+        map_index=torch.tensor([[[0, 1, -1, -1], [-1, -1, -1, -1]]]),
+        block_maps=maps,
+    )
+
+
+def _oracle_per_head(q, k, v, masks, perms):
+    """Masked dense attention per head on ``[B, S, H, D]`` (in each head's own token order)."""
+    out = torch.empty_like(q)
+    for h, m in enumerate(masks):
+        perm = perms[h].long() if perms is not None else torch.arange(q.shape[1])
+        qh, kh, vh = (x[:, perm, h] for x in (q, k, v))
+        tok = m.to_token_mask()[0, 0]
+        s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        o = torch.nan_to_num(torch.softmax(s.masked_fill(~tok, -math.inf), -1)) @ vh
+        out[:, perm, h] = o
+    return out
+
+
+def _qkv(seq=LAYOUT.seq_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, seq, 4, 16, generator=g) for _ in range(3)]
+
+
+def _attend(rt, layout, q, k, v, layer=0):
+    state = rt.begin_forward(ForwardContext(step=0, num_steps=1, layout=layout))
+    out = rt.attend(state, q, k, v, layer=layer)
+    rt.end_forward(state)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ plan files
+
+
+def test_block_maps_round_trip_through_a_plan_file(tmp_path):
+    maps = _random_maps(2)
+    plan = AttentionPlan(block_size=BS, heads=_table(maps))
+    d = save_plan(plan, tmp_path / "p", PlanMeta(model=FP, layout=LAYOUT))
+    back = load_plan(d, fingerprint=FP, layout=LAYOUT).plan
+    assert torch.equal(back.heads.block_maps, maps) and back.heads.block_maps.dtype == torch.bool
+    assert torch.equal(back.heads.map_index, plan.heads.map_index)
+    assert back.heads.methods == plan.heads.methods
+    assert back.heads.describe()["block_maps"] == 2
+    # data maps fit only their block grid: another resolution is refused, even with adapt
+    other = TokenLayout.video(4, 8, 16, text_len=10)
+    with pytest.raises(PlanMismatchError, match=r"block maps are 34 x 34 blocks.*has 66"):
+        load_plan(d, layout=other, adapt=True)
+    # a plan whose maps do not fit its own meta.layout
+    bad = save_plan(plan, tmp_path / "bad", PlanMeta(model=FP))
+    import json
+
+    header = json.loads((bad / PLAN_JSON).read_text())
+    header["meta"]["layout"] = {"seq_len": 522, "text_len": 10, "text_first": True, "grid": [4, 8, 16]}
+    (bad / PLAN_JSON).write_text(json.dumps(header))
+    with pytest.raises(PlanFileError, match="does not fit its own meta.layout"):
+        load_plan(bad)
+
+
+def test_old_plan_files_without_maps_still_load(tmp_path):
+    table = HeadTable((BandConfig(window=12), DenseConfig()), torch.tensor([[[0, 1, 0, 1], [1, 1, 0, 0]]]))
+    d = save_plan(AttentionPlan(block_size=BS, heads=table), tmp_path / "old", PlanMeta(model=FP, layout=LAYOUT))
+    import json
+
+    assert json.loads((d / PLAN_JSON).read_text())["heads"]["tensors"] == ["method_index"]
+    back = load_plan(d, fingerprint=FP).plan
+    assert back.heads.block_maps is None and back.heads.map_index is None
+
+
+def test_block_map_tables_are_validated():
+    maps = _random_maps(2)
+    methods = (BlockMapConfig(), DenseConfig())
+    idx = torch.tensor([[[0, 1]]])
+    with pytest.raises(ValueError, match="no block_maps"):
+        HeadTable(methods, idx)
+    with pytest.raises(ValueError, match="map_index -1"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[-1, -1]]]), block_maps=maps)
+    with pytest.raises(ValueError, match="not 'blockmap'"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[0, 1]]]), block_maps=maps)
+    with pytest.raises(ValueError, match=r"outside \[-1, 1\]"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[2, -1]]]), block_maps=maps)
+    with pytest.raises(TypeError, match="bool tensor"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[0, -1]]]), block_maps=maps.float())
+    with pytest.raises(ValueError, match="square"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[0, -1]]]), block_maps=maps[:, :, :-1])
+    holed = maps.clone()
+    holed[1, 5] = False
+    with pytest.raises(ValueError, match=r"block_maps\[1\] leaves query block 5 with no key block"):
+        HeadTable(methods, idx, map_index=torch.tensor([[[0, -1]]]), block_maps=holed)
+    with pytest.raises(ValueError, match="needs a head table|cannot be a plan's method"):
+        AttentionPlan(BlockMapConfig())
+    with pytest.raises(TypeError, match="data of a plan's head table"):
+        build_mask(BlockMapConfig(), LAYOUT, BS)
+
+
+# ------------------------------------------------------------------------------------------ runtime
+
+
+def test_runtime_runs_block_map_heads_as_masked_attention_in_their_axis_order():
+    maps = _random_maps(2)
+    plan = AttentionPlan(block_size=BS, heads=_table(maps))
+    rt = AttentionRuntime(plan, num_layers=2)
+    q, k, v = _qkv()
+    out = _attend(rt, LAYOUT, q, k, v)
+    masks = [
+        BlockMask.from_block_map(maps[0], LAYOUT, BS),
+        BlockMask.from_block_map(maps[1], LAYOUT, BS),  # the map is in the head's order (HWF)
+        build_mask(BandConfig(window=12), LAYOUT, BS),
+        build_mask(DenseConfig(), LAYOUT, BS),
+    ]
+    ref = _oracle_per_head(q, k, v, masks, head_permutations(LAYOUT, ["FHW", "HWF", "FHW", "FHW"]))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the reordered head really reads its map in HWF order: the same map in FHW gives another output
+    plain = _oracle_per_head(q, k, v, masks, None)
+    assert (plain[:, :, 1] - out[:, :, 1]).abs().max() > 1e-3
+    st = rt.stats.as_dict()
+    want = (maps[0].float().mean() + maps[1].float().mean() + masks[2].block_density() + 1.0) / 4
+    assert st["sparse_calls"] == 1 and st["density"] == pytest.approx(float(want), abs=1e-6)
+    assert st["fallbacks"] == {} and not st["notes"].get("blockmap", 0)
+
+
+def test_block_map_heads_on_another_block_grid_run_a_full_mask_and_are_counted():
+    maps = _random_maps(2)
+    rt = AttentionRuntime(AttentionPlan(block_size=BS, heads=_table(maps)), num_layers=2)
+    other = TokenLayout.video(4, 8, 16, text_len=10)
+    q, k, v = _qkv(other.seq_len)
+    out = _attend(rt, other, q, k, v)
+    dense = build_mask(DenseConfig(), other, BS)
+    masks = [dense, dense, build_mask(BandConfig(window=12), other, BS), dense]
+    ref = _oracle_per_head(q, k, v, masks, head_permutations(other, ["FHW", "HWF", "FHW", "FHW"]))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    notes = rt.stats.as_dict()["notes"]
+    assert [n for n, c in notes.items() if "another block grid" in n and c == 2], notes
