@@ -89,7 +89,8 @@ class SequenceParallel:
         self._placements: dict = {}
         self._degrees: dict = {}  # (layer, layout, heads, seq_len) -> (U, R), with auto degrees
         self.degrees: dict[int, tuple[int, int]] = {}  # layer -> the (U, R) chosen for it
-        self._orders: dict = {}  # (layer, layout, heads) -> head order or None
+        self._orders: dict = {}  # (layer, layout, heads, seq_len, U) -> head order or None
+        self._on_device: dict = {}  # id(order) -> (order, on the tensors' device, its inverse there)
         self.imbalance: dict[int, tuple[float, float]] = {}  # layer -> (this order's ratio, contiguous ratio)
         # layout -> rows of positions per rank (None: contiguous), and the ring ratios or why not balanced
         self._ring_positions: dict = {}
@@ -358,6 +359,15 @@ class SequenceParallel:
         place = self._placement(mesh, every, query.device)
         order = self.head_order(layer_index, ctx.layout if ctx is not None else None, heads, seq_len, u)
         held = (order if order is not None else torch.arange(heads)).view(u, -1)[mesh.ulysses_rank]
+        inverse = None
+        if order is not None:  # device copies, made once per order
+            if self._on_device.get(id(order), (None,))[0] is not order:
+                self._on_device[id(order)] = (
+                    order,
+                    order.to(query.device),
+                    torch.argsort(order).to(query.device),
+                )
+            order, inverse = self._on_device[id(order)][1:]
         timeout = mesh.config.timeout_s
         if value.shape[-1] == query.shape[-1]:
             q, k, v = seq_to_heads(torch.stack([query, key, value]), order, mesh.ulysses_group, u, timeout)
@@ -371,7 +381,7 @@ class SequenceParallel:
         out = self.runtime.attend(state, q, k, v, mask, scale, layer=layer, shard=shard)
         if place.unsort is not None:
             out = out.index_select(1, place.unsort)
-        return heads_to_seq(out[None], order, mesh.ulysses_group, u, timeout)[0]
+        return heads_to_seq(out[None], inverse, mesh.ulysses_group, u, timeout)[0]
 
     def _local_mask(self, attn_mask, held: torch.Tensor, place: _Placement, heads: int):
         """The whole call's ``attn_mask`` cut to this rank's heads and (with a ring) query rows."""

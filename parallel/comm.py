@@ -65,10 +65,10 @@ def seq_to_heads(
         ``[P, B, size * S_local, H / size, D]``: the tokens of group rank 0, then rank 1..., for this rank's heads.
     """
     p, b, s, h, d = x.shape
-    if size == 1:
-        return x if order is None else x.index_select(3, order.to(x.device))
     if order is not None:
         x = x.index_select(3, order.to(x.device))
+    if size == 1:
+        return x
     send = x.reshape(p, b, s, size, h // size, d).permute(3, 0, 1, 2, 4, 5).contiguous()
     recv = torch.empty_like(send)
     with guard("Ulysses all-to-all (sequence -> heads)", timeout_s, group):
@@ -78,10 +78,12 @@ def seq_to_heads(
 
 
 def heads_to_seq(
-    y: torch.Tensor, order: torch.Tensor | None, group, size: int, timeout_s=None
+    y: torch.Tensor, inverse: torch.Tensor | None, group, size: int, timeout_s=None
 ) -> torch.Tensor:
-    """Inverse of :func:`seq_to_heads`: ``[P, B, size * S_local, H / size, D]`` -> ``[P, B, S_local, H, D]`` with the
-    heads back in the model's order."""
+    """Inverse of :func:`seq_to_heads`: ``[P, B, size * S_local, H / size, D]`` -> ``[P, B, S_local, H, D]``.
+
+    ``inverse``: ``argsort(order)`` of the order :func:`seq_to_heads` used (puts the heads back in the model's
+    order); None for the contiguous split."""
     p, b, n, h, d = y.shape
     s = n // size
     if size == 1:
@@ -93,8 +95,8 @@ def heads_to_seq(
             dist.all_to_all_single(recv, send, group=group)
         # recv[j]: this rank's tokens for group rank j's heads
         out = recv.permute(1, 2, 3, 0, 4, 5).reshape(p, b, s, size * h, d)
-    if order is not None:
-        out = out.index_select(3, torch.argsort(order).to(out.device))
+    if inverse is not None:
+        out = out.index_select(3, inverse.to(out.device))
     return out
 
 
