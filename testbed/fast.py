@@ -9,6 +9,12 @@ the runtime decides per call (layer, step) between dense, the sparse kernel and 
     clip = sample(model, labels)
     print(handle.stats())
     handle.disable()            # the model's own SDPA again
+
+``cache=`` (a :class:`~fastattn.caching.CacheConfig`, a preset name or a dict of its fields, as for
+``fastattn.enable``) adds caching across steps and CFG branches: block skipping (``blocks="auto" | "delta" |
+"fixed"``, through ``testbed/caching.py``) and attention output sharing (AST ``attn_share_interval``, ASC
+``cfg_share``: the sampler's batched CFG holds the conditional half first, read from the class labels).
+``stats()["cache"]`` reports skipped blocks, reused outputs and cache memory.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ..attention.runtime import AttentionRuntime
 from ..masks.layout import TokenLayout
 from ..plans.build import make_plan
 from ..plans.schema import AttentionPlan
+from .caching import install_block_cache
 from .model import AttentionCall, TestbedDiT
 
 FAMILY = "testbed"
@@ -39,6 +46,9 @@ class TestbedHandle:
         ]
         self._saved_fns = [blk.attn.attention_fn for blk in model.blocks]  # restored exactly by disable()
         model.set_attention_fn(self._attend)
+        self._remove_blocks = None
+        if plan.cache.blocks != "off":
+            self._remove_blocks = install_block_cache(model, self.runtime, lambda: self._state)
         self.enabled = True
 
     def _begin(self, module, args, kwargs):
@@ -50,7 +60,12 @@ class TestbedHandle:
         step, branch = self.tracker.advance(t)
         if kwargs.get("step_index") is not None:  # the sampler says where it is
             step = int(kwargs["step_index"])
-        ctx = ForwardContext(TokenLayout.video(f, h // p, w // p), step, kwargs.get("num_steps"), branch, None, t)
+        chunks = None
+        if self.plan.cache.cfg_share:  # only ASC needs to know which batch half is which branch
+            y = args[2] if len(args) > 2 else kwargs.get("y")
+            chunks = cfg_chunks(y, module.cfg.num_classes)
+        layout = TokenLayout.video(f, h // p, w // p)
+        ctx = ForwardContext(layout, step, kwargs.get("num_steps"), branch, None, t, chunks)
         self._state = self.runtime.begin_forward(ctx)
 
     def _end(self, module, args, output):
@@ -70,22 +85,37 @@ class TestbedHandle:
         out.update(self.runtime.stats.as_dict())
         out["residual_bytes"] = self.runtime.residual_bytes()
         out["residual_peak_bytes"] = self.runtime.residual_peak_bytes
+        out["cache_bytes"] = self.runtime.cache_bytes()
+        if self.plan.cache.enabled or self.plan.cache_budget_gb is not None:
+            out["cache"] = self.runtime.cache.as_dict()
         return out
 
     def reset_stats(self) -> None:
-        self.runtime.stats.reset()
+        self.runtime.reset_stats()
 
     def disable(self) -> None:
         if not self.enabled:
             return
         for h in self._hooks:
             h.remove()
+        if self._remove_blocks is not None:
+            self._remove_blocks()
         for blk, fn in zip(self.model.blocks, self._saved_fns):
             blk.attn.set_attention_fn(fn)
         if self.model.__dict__.get("_fastattn_handle") is self:
             del self.model.__dict__["_fastattn_handle"]
         self.runtime.clear()
         self.enabled = False
+
+
+def cfg_chunks(y, null_class: int) -> tuple[int, ...] | None:
+    """The CFG branch of each batch half (0 conditional, 1 unconditional) when ``y`` holds a batched CFG call,
+    one half all ``null_class`` (the unconditional label) and the other none of it; else None."""
+    if y is None or not hasattr(y, "reshape") or y.numel() < 2 or y.numel() % 2:
+        return None
+    halves = [[int(v) == null_class for v in half.tolist()] for half in y.reshape(-1).chunk(2)]
+    kinds = [1 if all(h) else 0 if not any(h) else None for h in halves]
+    return tuple(kinds) if None not in kinds and kinds[0] != kinds[1] else None
 
 
 def enable(
@@ -101,7 +131,8 @@ def enable(
     """Route the testbed's attention through fastattn (``preset="balanced"`` when nothing is given).
 
     Takes the same arguments as :func:`fastattn.enable` (``method=``, ``density=``, ``quant=``,
-    ``dense_steps=``, ``residual=``...). Enabling an enabled model replaces its plan.
+    ``dense_steps=``, ``residual=``, ``cache=``, ``cache_budget_gb=``...). Enabling an enabled model replaces its
+    plan.
     """
     if not isinstance(model, TestbedDiT):
         raise TypeError(f"enable() takes a TestbedDiT, got {type(model).__name__}")

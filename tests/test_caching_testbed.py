@@ -1,0 +1,175 @@
+"""Caching on the testbed DiT (``fastattn.testbed.fast.enable(..., cache=...)``, tiny model, CPU): the same
+CacheConfig and policies as diffusers and ComfyUI, through ``fastattn.caching``; and the caching-quality bench's
+logic with diffusers' own caches on the testbed (``bench/caching_quality.py --tiny``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from fastattn.caching import CacheConfig
+from fastattn.evaluation.metrics import psnr
+from fastattn.testbed.caching import BlockCall
+from fastattn.testbed.fast import cfg_chunks, enable
+from fastattn.testbed.model import TestbedConfig, TestbedDiT
+from fastattn.testbed.sample import sample
+
+KW = dict(frames=2, size=32, num_steps=8, seed=3)  # grid (2, 8, 8): 128 tokens
+FIXED = {"blocks": "fixed", "skip_fraction": 0.5, "first_steps": 1, "last_steps": 1}  # skips steps 2, 4, 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TestbedDiT(dataclasses.replace(TestbedConfig.tiny(), depth=3)).eval()
+    with torch.no_grad():  # adaLN-zero init would leave the blocks without effect
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ref(model):
+    return sample(model, [1], **KW)
+
+
+class BlockRuns:
+    """Counts the runs of each block (its MLP's first Linear: a skipped block never reaches it)."""
+
+    def __init__(self, model):
+        self.runs = [0] * len(model.blocks)
+        self.handles = [blk.mlp[0].register_forward_pre_hook(lambda *_, i=i: self._hit(i))
+                        for i, blk in enumerate(model.blocks)]  # fmt: skip
+
+    def _hit(self, i):
+        self.runs[i] += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _run(model, labels=(1,), **kw):
+    counter = BlockRuns(model)
+    try:
+        out = sample(model, list(labels), **{**KW, **kw})
+    finally:
+        counter.remove()
+    return out, counter.runs
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        "off",
+        CacheConfig(),
+        {"blocks": "fixed", "skip_fraction": 0.0},  # the block wrappers in place, nothing skipped
+        {"blocks": "auto", "threshold": 0.0},  # the trigger runs (probe residuals kept), never fires
+        {"blocks": "fixed", "skip_fraction": 0.5, "first_steps": 8},  # every step before the window
+    ],
+)
+def test_caches_off_are_bit_identical(model, ref, cache):
+    h = enable(model, method="dense", cache=cache, block_size=16)
+    out, runs = _run(model)
+    st = h.stats()
+    h.disable()
+    assert torch.equal(out, ref) and runs == [8, 8, 8]
+    blocks = st.get("cache", {}).get("blocks")
+    assert blocks is None or blocks["blocks_skipped"] == 0
+    assert st["notes"] == {} and st["forwards"] == 8
+
+
+def test_sparse_preset_with_caches_off_matches_the_preset_alone(model):
+    kw = {**KW, "num_steps": 4}
+    h = enable(model, "fast", block_size=16)
+    plain = sample(model, [2], **kw)
+    h = enable(model, "fast", block_size=16, cache={"blocks": "fixed", "skip_fraction": 0.0})
+    wrapped = sample(model, [2], **kw)
+    h.disable()
+    assert torch.equal(wrapped, plain)
+
+
+def test_fixed_schedule_skips_what_it_says_and_stats_report_it(model, ref):
+    h = enable(model, method="dense", cache=FIXED, block_size=16)
+    out, runs = _run(model)
+    st = h.stats()
+    blocks = st["cache"]["blocks"]
+    # window: steps 1..6; skip_fraction 0.5 skips every second window step (2, 4, 6); the probe block always runs
+    assert [s for s, _, k in blocks["schedule"] if k] == [2, 4, 6]
+    assert all(k == 2 for _, _, k in blocks["schedule"] if k)
+    assert runs == [8, 5, 5]
+    assert blocks["blocks_skipped"] == 6 and blocks["skipping_forwards"] == 3 and blocks["blocks_run"] == 18
+    assert blocks["block_work_skipped"] == 0.25 and blocks["recomputes"] == {}
+    assert st["planned_dense"] == {"method dense": 18}  # skipped blocks made no attention call
+    assert st["notes"] == {}  # skipped layers keep the layer count aligned
+    assert st["cache"]["memory"]["hits"] == 3 and st["cache"]["memory"]["bytes"] == 0  # freed after the run
+    assert not torch.equal(out, ref) and 10 < float(psnr(out, ref)) < float("inf")
+    # a second run starts over (step 0 resets): same schedule, same output
+    h.reset_stats()
+    assert h.stats()["cache"]["blocks"]["blocks_skipped"] == 0
+    again, _ = _run(model)
+    assert torch.equal(again, out) and h.stats()["cache"]["blocks"]["blocks_skipped"] == 6
+    h.disable()
+
+
+def test_delta_and_auto_policies_skip(model):
+    h = enable(model, method="dense", cache={"blocks": "delta", "interval": 2, "span": 0.5, "first_steps": 1},
+               block_size=16)  # fmt: skip
+    _, runs = _run(model)
+    blocks = h.stats()["cache"]["blocks"]
+    # span 0.5 of 3 blocks = 2: rear blocks (1, 2) before the boundary, front blocks (0, 1) after it
+    assert blocks["blocks_skipped"] > 0 and runs[1] < 8 and runs[0] < 8 and runs[2] < 8
+    h = enable(model, method="dense", cache={"blocks": "auto", "threshold": 1e9, "max_skips": 2, "first_steps": 1},
+               block_size=16)  # fmt: skip
+    _, runs = _run(model)
+    sched = h.stats()["cache"]["blocks"]["schedule"]
+    h.disable()
+    skipped = [s for s, _, k in sched if k]
+    assert runs[0] == 8 and runs[1] == runs[2] == 8 - len(skipped)
+    # the trigger fires whenever allowed: in the window (steps 1..6), at most max_skips in a row, then a compute
+    assert skipped == [1, 2, 4, 5]
+
+
+def test_budget_too_small_recomputes_counted_and_exact(model, ref):
+    h = enable(model, method="dense", cache=FIXED, cache_budget_gb=0, block_size=16)
+    out, runs = _run(model)
+    st = h.stats()["cache"]
+    h.disable()
+    assert torch.equal(out, ref) and runs == [8, 8, 8]
+    assert st["blocks"]["recomputes"] == {"the residual did not fit cache_budget_gb": 3}
+    assert st["memory"]["refused_over_budget"]["blocks"] > 0 and st["memory"]["peak_bytes"] == 0
+
+
+def test_attention_sharing_ast_and_asc_on_batched_cfg(model):
+    assert cfg_chunks(torch.tensor([1, 2, 24, 24]), 24) == (0, 1)
+    assert cfg_chunks(torch.tensor([24, 3]), 24) == (1, 0)
+    assert cfg_chunks(torch.tensor([1, 2]), 24) is None and cfg_chunks(torch.tensor([1]), 24) is None
+    assert cfg_chunks(torch.tensor([1, 24, 24, 24]), 24) is None and cfg_chunks(None, 24) is None
+    ref = sample(model, [1], cfg_scale=3.0, **KW)
+    h = enable(model, method="dense", cache={"cfg_share": True, "first_steps": 1}, block_size=16)
+    asc = sample(model, [1], cfg_scale=3.0, **KW)
+    st = h.stats()
+    # window steps 1..6, every layer: the unconditional half copies the conditional half's attention
+    assert st["cache"]["attention"]["cfg_reuses"] == 6 * 3 and st["reuses"] == {"cfg": 18}
+    assert not torch.equal(asc, ref)
+    h = enable(model, method="dense", cache={"attn_share_interval": 2, "first_steps": 1}, block_size=16)
+    ast = sample(model, [1], **KW)
+    st = h.stats()
+    h.disable()
+    # window steps 1..6 compute on 1, 3, 5 and reuse on 2, 4, 6
+    assert st["cache"]["attention"]["step_reuses"] == 3 * 3 and st["reused_calls"] == 9
+    assert 10 < float(psnr(ast, sample(model, [1], **KW))) < float("inf")
+
+
+def test_disable_and_replace_leave_no_trace(model, ref):
+    fns = [blk.attn.attention_fn for blk in model.blocks]
+    h1 = enable(model, method="dense", cache=FIXED, block_size=16)
+    wrappers = [blk.__dict__["forward"] for blk in model.blocks]
+    h2 = enable(model, method="dense", cache={"blocks": "delta"}, block_size=16)  # replaces h1
+    assert not h1.enabled and all(blk.__dict__["forward"] is not w for blk, w in zip(model.blocks, wrappers))
+    assert all(not isinstance(blk.forward.run, BlockCall) for blk in model.blocks)  # h1's wrappers are gone
+    h2.disable()
+    assert all("forward" not in blk.__dict__ for blk in model.blocks)
+    assert [blk.attn.attention_fn for blk in model.blocks] == fns
+    assert torch.equal(sample(model, [1], **KW), ref)
