@@ -51,7 +51,7 @@ def _entry(fn, rank, world, port, out_dir, args):
         dist.destroy_process_group()
 
 
-def launch(fn, world: int, *args, deadline_s: float = 120.0) -> list[dict]:
+def launch(fn, world: int, *args, deadline_s: float = 300.0) -> list[dict]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; ``[{"value" | "error", "elapsed"}...]`` by rank.
 
     A rank still running after ``deadline_s`` is killed and the launch fails (a hang is a test failure)."""
@@ -304,8 +304,17 @@ def failing(rank: int, world: int, mode: str, timeout_s: float) -> dict:
         n = s_local - 1 if victim and call == 3 and mode == "mismatch_later" else s_local
         q = torch.randn(1, n, world * 2, 16)
         state = rt.begin_forward(ForwardContext(layout, call, 6))
-        with torch.no_grad():
-            sp.attend(state, q, q, q)
+        start = time.monotonic()
+        try:
+            with torch.no_grad():
+                sp.attend(state, q, q, q)
+        except Exception as e:  # noqa: BLE001 - the test reads it, with how long the failing call waited
+            return {
+                "call": call,
+                "error": str(e),
+                "type": type(e).__name__,
+                "waited": time.monotonic() - start,
+            }
         rt.end_forward(state)
     return {"calls": 6}
 
