@@ -16,6 +16,7 @@ def enable(
     density: float | None = None,
     plan: AttentionPlan | None = None,
     num_steps: int | None = None,
+    parallel=None,
     **settings,
 ):
     """Run ``target``'s attention through fastattn; returns a :class:`~fastattn.pipelines.Handle`.
@@ -39,6 +40,10 @@ def enable(
             (``"safe"``, ``"balanced"``, ``"fast"``, ``"delta"``) or a dict of
             :class:`~fastattn.caching.CacheConfig` fields, and mixes with any method:
             ``enable(pipe, "fast", cache="balanced", cache_budget_gb=4)``.
+        parallel: sequence parallelism under torchrun, ``dict(ulysses=.., ring=.., balance="db-sp")`` or a
+            :class:`~fastattn.parallel.ParallelConfig` (see :mod:`fastattn.pipelines.parallel`): every rank calls
+            ``enable`` and runs the pipeline with the same inputs; each transformer's sequence is split across
+            the ranks. Only rank 0 should write outputs (they are the same on every rank).
 
     Everything is validated before any model is touched. Enabling an already enabled pipeline or model
     again replaces its plan cleanly (the old handle is disabled first); a transformer enabled through its
@@ -63,9 +68,14 @@ def enable(
         make_plan(adapter_for(m).family, preset, method, density, plan, fingerprint=model_fingerprint(m), **settings)
         for m in models
     ]
+    session = None
+    if parallel is not None:  # checked (and the process groups built) before anything is patched
+        from .parallel import ParallelSession
+
+        session = ParallelSession.create(parallel, models, plans, [adapter_for(m) for m in models])
     _check_owner(models, pipe)
     _disable_existing(target, models)
-    return enable_models(models, pipe, plans, num_steps)
+    return enable_models(models, pipe, plans, num_steps, parallel=session)
 
 
 def _check_owner(models, pipe) -> None:

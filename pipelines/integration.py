@@ -33,7 +33,7 @@ REPLACED_NOTE = "self-attention calls bypassed: layers got a new processor or ba
 class ModelHandle:
     """fastattn enabled on one transformer."""
 
-    def __init__(self, model, adapter: FamilyAdapter, plan: AttentionPlan, clock: StepClock):
+    def __init__(self, model, adapter: FamilyAdapter, plan: AttentionPlan, clock: StepClock, parallel=None):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         self.plan = plan
@@ -104,8 +104,19 @@ class ModelHandle:
             plan, num_layers=len(self.self_attention_paths), dense_fn=dense_backend_fn(dense_backend)
         )
         self.clock = clock
-        hook = ContextHook(adapter, self.runtime, clock, watch=self._check_routes)
-        self._remove_hook = install_context_hook(model, hook)
+        # parallel= (pipelines/parallel.py): the split/gather hooks go in first, so the context hook wraps them
+        # and sees the whole input; its route then hands each rank's shard to SequenceParallel.
+        self.parallel = parallel.attach(model, adapter, self.runtime) if parallel is not None else None
+        if self.parallel is None:
+            hook = ContextHook(adapter, self.runtime, clock, watch=self._check_routes)
+        else:
+            hook = self.parallel.context_hook(adapter, self.runtime, clock, watch=self._check_routes)
+        try:
+            self._remove_hook = install_context_hook(model, hook)
+        except Exception:
+            if self.parallel is not None:
+                self.parallel.remove()
+            raise
         self._remove_blocks = None
         if plan.cache.blocks != "off":  # block lists were checked before anything was patched
             self._remove_blocks = install_block_cache(model, adapter.family, self.runtime, self.self_attention_paths)
@@ -143,6 +154,8 @@ class ModelHandle:
         self._remove_hook()
         if self._remove_blocks is not None:
             self._remove_blocks()
+        if self.parallel is not None:
+            self.parallel.remove()  # after the context hook, which wraps them
         for proc, backend in self._saved_backends:
             if proc._attention_backend is self._member:
                 proc._attention_backend = backend
@@ -185,6 +198,8 @@ class ModelHandle:
             out["shared_cross_attention_processors"] = list(self.shared_cross)
         if self.replaced:
             out["replaced_processors"] = list(self.replaced)
+        if self.parallel is not None:  # this rank's view; parallel.gather_stats(handle) sums the ranks
+            out["parallel"] = self.parallel.stats()
         return out
 
 
@@ -311,15 +326,16 @@ def model_num_heads(model) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
-def enable_models(models, pipe, plans, num_steps=None) -> Handle:
-    """Enable each model with its plan on one step clock; nothing stays patched if one fails."""
+def enable_models(models, pipe, plans, num_steps=None, parallel=None) -> Handle:
+    """Enable each model with its plan on one step clock; nothing stays patched if one fails. ``parallel``: a
+    :class:`~fastattn.pipelines.parallel.ParallelSession` (sequence parallelism) or None."""
     steps = (lambda: num_steps) if num_steps else (pipeline_num_steps(pipe) if pipe is not None else None)
     cfg_batched = (lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))) if pipe is not None else None
     clock = StepClock(steps, cfg_batched)  # one per pipeline: Wan 2.2's two transformers count steps together
     handles = []
     try:
         for m, p in zip(models, plans):
-            handles.append(ModelHandle(m, adapter_for(m), p, clock))
+            handles.append(ModelHandle(m, adapter_for(m), p, clock, parallel))
     except Exception:
         for h in handles:
             h.disable()
