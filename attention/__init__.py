@@ -6,7 +6,7 @@ q/k/v per self-attention call.
 
 from .context import ForwardContext, ForwardState, StepTracker
 from .observe import ObservedCall
-from .runtime import AttentionRuntime, HeadWork, sdpa_dense
+from .runtime import AttentionRuntime, HeadWork, Shard, sdpa_dense
 from .stats import AttentionStats
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ForwardState",
     "HeadWork",
     "ObservedCall",
+    "Shard",
     "StepTracker",
     "sdpa_dense",
 ]
