@@ -287,6 +287,63 @@ def bad_config(rank: int, world: int) -> dict:
     return errors
 
 
+def pipeline(rank: int, world: int) -> dict:
+    """A tiny WanPipeline (2 steps, CFG as two passes, the family's fast preset, step 0 dense) through
+    ``pipe.enable_fast_attention(..., parallel=...)`` against the same call in one process."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    transformer, _ = MODELS["wan"]()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer.eval(),
+    )
+
+    def call():
+        torch.manual_seed(1)
+        emb, neg = torch.randn(1, 12, 32), torch.randn(1, 12, 32)
+        return pipe(
+            prompt_embeds=emb,
+            negative_prompt_embeds=neg,
+            height=64,
+            width=96,
+            num_frames=9,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            output_type="latent",
+        ).frames
+
+    import fastattn.api as fa
+
+    fa.enable(pipe, "fast", block_size=BS, dense_steps=1)
+    pipe.disable_fast_attention()  # the pipeline methods are attached now
+    before = snapshot(transformer)
+    pipe.enable_fast_attention("fast", block_size=BS, dense_steps=1)
+    ref = call()
+    ref_stats = transformer._fastattn_handle.stats()
+    pipe.disable_fast_attention()
+    pipe.enable_fast_attention(
+        "fast", block_size=BS, dense_steps=1, parallel=dict(ulysses=world, timeout_s=60)
+    )
+    got = call()
+    stats = transformer._fastattn_handle.stats()
+    pipe.disable_fast_attention()
+    return dict(
+        err=float((got - ref).abs().max()),
+        ref_stats={k: ref_stats[k] for k in ("calls", "sparse_calls", "planned_dense")},
+        stats={k: stats[k] for k in ("calls", "sparse_calls", "planned_dense")},
+        restored=snapshot(transformer) == before,
+    )
+
+
 def everything(rank: int, world: int, cases: list[dict]) -> dict:
-    """:func:`exactness` and :func:`bad_config` in one launch (spawning ranks that import diffusers is the cost)."""
-    return {"exact": exactness(rank, world, cases), "bad": bad_config(rank, world)}
+    """:func:`exactness`, :func:`pipeline` and :func:`bad_config` in one launch (spawning ranks that import
+    diffusers is the cost)."""
+    return {
+        "exact": exactness(rank, world, cases),
+        "pipeline": pipeline(rank, world),
+        "bad": bad_config(rank, world),
+    }

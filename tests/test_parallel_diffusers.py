@@ -80,6 +80,15 @@ def test_disable_restores_exactly(results):
         assert r["parallel"]["world_size"] == 2
 
 
+def test_pipeline_enable_fast_attention_parallel(launched):
+    for r in (x["pipeline"] for x in launched):
+        assert r["err"] <= TOL, r
+        # the same steps ran dense (the preset's first step) and sparse, CFG passes included
+        assert r["stats"] == r["ref_stats"] and r["stats"]["sparse_calls"] > 0, r
+        assert r["stats"]["planned_dense"], r
+        assert r["restored"], r
+
+
 def test_bad_config_errors_before_patching(launched):
     for e in (r["bad"] for r in launched):
         assert "ulysses 3 x ring 1 = 3 processes, but the process group has 2" in e["world"], e
