@@ -122,3 +122,29 @@ def test_no_process_group_or_unsupported_family_errors_in_one_process():
     with pytest.raises(ValueError, match="SD3Transformer2DModel has no sequence split plan"):
         fa.enable(sd3, method="dense", parallel=dict(ulysses=2))
     assert pdw.snapshot(sd3) == before
+
+
+def test_bench_multigpu_tiny(tmp_path):
+    """bench/multigpu.py's logic on 2 gloo processes (it spawns them itself without torchrun); times meaningless."""
+    import json
+
+    from fastattn.bench import multigpu
+
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node N"):
+        multigpu.main([])  # the GPU run needs torchrun
+    assert multigpu.main(["--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "multigpu-cpu-tiny-x2.json").read_text())
+    assert data["world_size"] == 2 and data["versions"]["diffusers"] and "NCCL_NVLS_ENABLE" in data["env"]
+    summaries = {r["arrangement"]: r for r in data["records"] if r.get("summary")}
+    assert set(summaries) == {"shuffled", "clustered"}
+    for r in summaries.values():
+        assert r["dbsp_ms"] > 0 and r["ulysses_ms"] > 0 and r["one_gpu_ms"] > 0, r
+        assert r["imbalance_ratio_dbsp"] <= r["imbalance_ratio_ulysses"], r
+    clustered = summaries["clustered"]
+    assert clustered["imbalance_ratio_ulysses"] > 1.3 and clustered["imbalance_ratio_dbsp"] <= 1.05, clustered
+    steps = {r["model"]: r for r in data["records"] if r["part"] == "steps"}
+    assert set(steps) == {"Wan2.1-T2V-1.3B", "HunyuanVideo"}
+    for r in steps.values():
+        assert r["one_gpu_ms"] > 0 and r["n_gpu_ms"] > 0 and r["speedup"] > 0, r
+        assert r["max_abs_diff_vs_one_gpu"] <= 1e-5 and r["parallel_fallbacks"] == {}, r
+        assert r["density_n_gpu"] == pytest.approx(r["density_one_gpu"]), r
