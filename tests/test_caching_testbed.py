@@ -173,3 +173,132 @@ def test_disable_and_replace_leave_no_trace(model, ref):
     assert all("forward" not in blk.__dict__ for blk in model.blocks)
     assert [blk.attn.attention_fn for blk in model.blocks] == fns
     assert torch.equal(sample(model, [1], **KW), ref)
+
+
+# ------------------------------------------------------------------ diffusers' own caches on the testbed (bench)
+
+PEER_SETTINGS = {  # settings that must skip on the tiny model within 8 steps
+    "FirstBlockCache": dict(threshold=1e9),
+    "MagCache": dict(threshold=1e9, max_skip_steps=2, retention_ratio=0.2, num_inference_steps=8,
+                     mag_ratios=[1.0] * 8),
+    "TaylorSeer": dict(cache_interval=2, disable_cache_before_step=2),
+    "FasterCache": dict(is_guidance_distilled=True, spatial_attention_timestep_skip_range=(-1, 901)),
+    "PyramidAttentionBroadcast": dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001)),
+}  # fmt: skip
+
+
+class AttentionRuns(BlockRuns):
+    """Counts each block's attention module runs (its qkv Linear)."""
+
+    def __init__(self, model):
+        self.runs = [0] * len(model.blocks)
+        self.handles = [blk.attn.qkv.register_forward_pre_hook(lambda *_, i=i: self._hit(i))
+                        for i, blk in enumerate(model.blocks)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PEER_SETTINGS))
+def test_diffusers_caches_run_unchanged_on_the_testbed(model, ref, name):
+    pytest.importorskip("diffusers")
+    from fastattn.bench.testbed_peers import PeerCache
+
+    before = {n: set(m.__dict__) for n, m in model.named_modules()}
+    peer = PeerCache(model, name, **PEER_SETTINGS[name])
+    try:
+        counter = AttentionRuns(model)
+        out = sample(model, [1], **KW)
+        peer.reset()  # a pipeline call ends: the next run starts from fresh state
+        again = sample(model, [1], **KW)
+        counter.remove()
+        runs = counter.runs
+    finally:
+        peer.remove()
+    assert torch.equal(again, out)
+    assert runs[-1] < 16 and not torch.equal(out, ref) and 5 < float(psnr(out, ref)) < float("inf")
+    if name in ("FirstBlockCache",):
+        assert runs[0] == 16  # the first block is the trigger's probe: it always runs
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == before
+    assert all(type(blk.attn).__module__ == "fastattn.testbed.model" for blk in model.blocks)
+    assert torch.equal(sample(model, [1], **KW), ref)
+
+
+def test_mag_calibration_and_peer_errors(model):
+    pytest.importorskip("diffusers")
+    from fastattn.bench.testbed_peers import PeerCache, _printed_ratios, calibrate_mag_ratios
+
+    ratios = calibrate_mag_ratios(model, lambda: sample(model, [1], **KW), 8)
+    assert len(ratios) == 8 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    with pytest.raises(ValueError, match="printed no ratios"):
+        _printed_ratios("nothing here", 8)
+    with pytest.raises(ValueError, match="unknown diffusers cache"):
+        PeerCache(model, "DeepCache")
+    with pytest.raises(ValueError, match="mag_ratios"):  # diffusers' own check, and nothing is left behind
+        PeerCache(model, "MagCache")
+    with pytest.raises(ValueError, match="first step"):
+        PeerCache(model, "FasterCache", spatial_attention_timestep_skip_range=(-1, 1001))
+    assert all("_diffusers_hook" not in m.__dict__ for m in model.modules())
+
+
+def _row(config, kind, psnr_db, compute, seconds=1.0, **kw):
+    return dict(config=config, kind=kind, psnr=psnr_db, compute_fraction=compute, flops_fraction=compute,
+                seconds=seconds, **kw)  # fmt: skip
+
+
+def test_caching_quality_summary_matches_compute():
+    pytest.importorskip("diffusers")
+    from fastattn.bench.caching_quality import summarize
+
+    ours = {"preset": "testbed/fast", "cache": {}}
+    rows = [
+        _row("dense", "dense", float("inf"), 1.0),
+        _row("fast", "ours", 25.0, 1.0, seconds=4.0, sparse=True, enable={"preset": "testbed/fast"}),
+        _row("fast+cache a", "ours", 24.5, 0.70, seconds=2.8, sparse=True, enable=ours),
+        _row("fast+cache b", "ours", 23.0, 0.50, seconds=2.0, sparse=True, enable=ours),
+        _row("dense+cache", "ours", 40.0, 0.70, sparse=False, enable={"method": "dense", "cache": {}}),
+        _row("PAB", "peer", 22.0, 0.72),
+        _row("FBC", "peer", 23.9, 0.66),
+        _row("Mag", "peer", 30.0, 0.40),  # computes much less: only the conservative comparison sees it
+        {"config": "TaylorSeer", "kind": "peer", "error": "boom"},
+    ]
+    s = summarize(rows, tol=0.05)
+    assert s["best_matched"]["ours"] == "fast+cache a" and s["best_matched"]["peer"] == "FBC"
+    assert s["best_matched"]["margin_db"] == pytest.approx(0.6)
+    assert s["best_conservative"]["peer"] == "Mag" and s["best_conservative"]["margin_db"] == pytest.approx(
+        -5.5
+    )
+    assert not s["targets_met"]["cache+sparsity >= best peer + 1 dB at matched compute"]
+    assert s["best_fast_cache"]["config"] == "fast+cache a"
+    assert s["best_fast_cache"]["speedup_vs_fast"] == pytest.approx(4.0 / 2.8)
+    assert s["targets_met"]["fast+cache >= 24 dB and >= 1.3x fast"]
+
+
+def test_caching_quality_bench_tiny(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+
+    from fastattn.bench import caching_quality
+
+    out = tmp_path / "cq.json"
+    only = r"^(fast|fast\+cache.*|dense\+cache.*|MagCache.*|PyramidAttentionBroadcast.*)$"
+    assert caching_quality.main(["--tiny", "--steps", "4", "--only", only, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["diffusers"] and len(data["meta"]["mag_ratios"]) == 4
+    rows = {r["config"].split(" ")[0]: r for r in data["rows"]}
+    assert set(rows) == {
+        "dense",
+        "fast",
+        "fast+cache",
+        "dense+cache",
+        "MagCache",
+        "PyramidAttentionBroadcast",
+    }
+    for r in rows.values():
+        assert "error" not in r and r["seconds"] > 0 and r["speedup_vs_dense"] > 0, r
+    # 4 steps: step 0 and the last compute; skip_fraction 0.5 skips one of the two window steps
+    assert rows["fast+cache"]["compute_fraction"] == 0.75 and rows["fast+cache"]["last_clip_schedule"] == [2]
+    assert rows["fast+cache"]["flops_fraction"] < rows["fast"]["flops_fraction"] < 1.0
+    assert rows["dense+cache"]["compute_fraction"] == 0.75 and rows["dense"]["compute_fraction"] == 1.0
+    assert rows["PyramidAttentionBroadcast"]["compute_fraction"] < 1.0
+    assert rows["PyramidAttentionBroadcast"]["blocks_fraction"] == 1.0  # PAB skips attention, never the MLP
+    assert "best_matched" in data["summary"] and "targets_met" in data["summary"]
+    with pytest.raises(SystemExit, match="match-tol"):
+        caching_quality.main(["--tiny", "--match-tol", "2"])
