@@ -114,6 +114,9 @@ def _model_problem(model, family: str) -> str | None:
     return None
 
 
+_MESHES: dict = {}  # (ulysses, ring, balance, timeout, the world group itself) -> ParallelMesh
+
+
 class ParallelSession:
     """What ``enable(..., parallel=...)`` checked and built once for every transformer of the call: the mesh.
 
@@ -151,9 +154,15 @@ class ParallelSession:
                 "torch.distributed.init_process_group) before moving the pipeline to the GPU and enabling"
             )
         heads = sorted({model_num_heads(m) for m in models} - {None}) or [None]
-        mesh = ParallelMesh.create(config, heads=heads[0])
-        for h in heads[1:]:  # every transformer's heads must divide by the Ulysses degree
-            mesh.config.degrees(mesh.world_size, h)
+        for h in heads:  # every transformer's heads must divide by the Ulysses degree
+            u, r = config.degrees(dist.get_world_size(), h)
+        # One mesh per settings for the process's life: enabling again (another plan) reuses its process groups
+        # instead of making new ones (NCCL communicators hold GPU memory). Every rank enables alike, so every rank
+        # hits or misses the cache alike.
+        key = (u, r, config.balance, config.timeout_s, dist.group.WORLD)
+        mesh = _MESHES.get(key)
+        if mesh is None:
+            mesh = _MESHES[key] = ParallelMesh.create(config, heads=heads[0])
         for model in models:
             dev = _device_type(model)
             if dev is not None and dev != mesh.device.type:

@@ -227,6 +227,7 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
         again = run(model, inputs)  # a second forward (cached placements, the same answer)
         stats = handle.stats()
         summed = gather_stats(handle)[0]
+        mesh_id = id(handle.models[0].parallel.mesh)
         handle.disable()
         after = snapshot(model)
         out.append(
@@ -244,6 +245,7 @@ def exactness(rank: int, world: int, cases: list[dict]) -> list[dict]:
                 fallbacks=stats["fallbacks"],
                 parallel_fallbacks=stats["parallel_fallbacks"],
                 parallel=stats["parallel"],
+                mesh_id=mesh_id,
             )
         )
     return out

@@ -73,6 +73,14 @@ def test_ring_fallback_counted_only_where_shards_are_not_whole_blocks(results):
         assert by[key]["parallel_fallbacks"] == {}, key  # Ulysses serves every call as planned
 
 
+def test_one_mesh_per_settings(results):
+    # enabling again with the same degrees reuses the process groups instead of making new ones
+    meshes = {(r["case"].get("ulysses", 2), r["case"].get("ring", 1)): set() for r in results[0]}
+    for r in results[0]:
+        meshes[(r["case"].get("ulysses", 2), r["case"].get("ring", 1))].add(r["mesh_id"])
+    assert {k: len(v) for k, v in meshes.items()} == {(2, 1): 1, (1, 2): 1}
+
+
 def test_disable_restores_exactly(results):
     for r in results[0] + results[1]:
         assert r["restored"], r  # processors, backends, no hook registry or instance forward left
