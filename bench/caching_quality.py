@@ -64,7 +64,13 @@ def auto(threshold: float, max_skips: int = 2) -> dict:
     }
 
 
+def ast(interval: int) -> dict:
+    return {"attn_share_interval": interval, "first_steps": 0.1, "last_steps": 1}
+
+
 def _cache_label(cache: dict) -> str:
+    if cache.get("attn_share_interval"):
+        return f"AST k={cache['attn_share_interval']}"
     if cache["blocks"] == "fixed":
         extra = f" first={cache['first_steps']:g}" if cache["first_steps"] != 0.1 else ""
         return f"fixed s={cache['skip_fraction']:g}{extra}"
@@ -81,8 +87,8 @@ def our_rows(tiny: bool) -> list[dict]:
     else:
         presets = {
             "fast": [fixed(0.25), fixed(0.4), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3),
-                     {"blocks": "delta", "interval": 2, "span": 0.5, "first_steps": 0.1, "last_steps": 1}],
-            "safe": [fixed(0.4), fixed(0.5), fixed(0.6), fixed(0.5, 0.2)],
+                     {"blocks": "delta", "interval": 2, "span": 0.5, "first_steps": 0.1, "last_steps": 1}, ast(2)],
+            "safe": [fixed(0.4), fixed(0.5), fixed(0.6), fixed(0.5, 0.2), ast(2)],
             "balanced": [fixed(0.4), fixed(0.5), fixed(0.6)],
         }  # fmt: skip
         alone = [fixed(0.25), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3)]
@@ -100,8 +106,9 @@ def our_rows(tiny: bool) -> list[dict]:
     return rows
 
 
-def peer_rows(tiny: bool, steps: int, mag_ratios: list[float] | None) -> list[dict]:
-    """``{"label", "kind": "peer", "peer", "settings"}``: each diffusers cache at settings spanning its compute."""
+def peer_rows(tiny: bool, steps: int) -> list[dict]:
+    """``{"label", "kind": "peer", "peer", "settings"}``: each diffusers cache at settings spanning its compute
+    (MagCache's ``mag_ratios`` are added once calibrated)."""
     every_block = [r"^blocks\.\d+$"]  # TaylorSeer on whole blocks instead of its default attention modules
     if tiny:
         grid = {
@@ -130,13 +137,7 @@ def peer_rows(tiny: bool, steps: int, mag_ratios: list[float] | None) -> list[di
     rows = []
     for name in PEERS:
         for settings in grid[name]:
-            if name == "MagCache":
-                if mag_ratios is None:
-                    rows.append({"label": f"{name} (no ratios)", "kind": "peer", "peer": name, "settings": settings,
-                                 "error": "MagCache calibration failed (see meta.mag_calibration)"})  # fmt: skip
-                    continue
-                settings = dict(settings, mag_ratios=list(mag_ratios))
-            shown = {k: v for k, v in settings.items() if k not in ("mag_ratios", "num_inference_steps")}
+            shown = {k: v for k, v in settings.items() if k != "num_inference_steps"}
             label = f"{name} " + " ".join(f"{k}={v}" for k, v in shown.items())
             rows.append({"label": label, "kind": "peer", "peer": name, "settings": settings})
     return rows
@@ -196,9 +197,9 @@ class ComputeMeter:
             if blk.attn.attention_fn is w:
                 blk.attn.set_attention_fn(fn)
 
-    def result(self, density: float | None = None) -> dict:
-        """The fractions of the pass; ``density``: fastattn's computed share of the attention work of the calls
-        that computed (sparse attention), 1 for everything else."""
+    def result(self, density: float | None = None, calls: int | None = None) -> dict:
+        """The fractions of the pass. For fastattn's rows, ``density`` and ``calls`` are its runtime's: the
+        computed share of the attention work of all ``calls`` it served (sparse, dense or from a cache)."""
         cfg, n = self.model.cfg, self.forwards * len(self.model.blocks)
         if not n:
             raise RuntimeError("the meter saw no forward")
@@ -208,7 +209,7 @@ class ComputeMeter:
             "core": 2 * s * s * d,
             "mlp": 2 * s * d * hidden,
         }  # per block call, B = 1
-        core_done = sum(self.core) * (1.0 if density is None else density)
+        core_done = sum(self.core) if density is None else density * calls
         done = sum(self.proj) * macs["proj"] + core_done * macs["core"] + sum(self.mlp) * macs["mlp"]
         return {
             "forwards": self.forwards,
@@ -300,7 +301,7 @@ class Bench:
             peak = int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
             st = stats()
             meter.remove()
-            out = meter.result(st.get("density"))
+            out = meter.result(st.get("density"), st.get("attention_calls"))
         finally:
             if meter is not None:
                 meter.remove()
@@ -322,7 +323,8 @@ def _our_stats(handle) -> dict:
     st = handle.stats()
     cache = st.get("cache") or {}
     blocks = cache.get("blocks") or {}
-    out = {"density": st["density"], "fallbacks": st["fallbacks"], "reused_calls": st["reused_calls"]}
+    out = {"density": st["density"], "attention_calls": st["calls"], "reused_calls": st["reused_calls"],
+           "fallbacks": st["fallbacks"]}  # fmt: skip
     if blocks:
         out.update(blocks_skipped=blocks["blocks_skipped"], skipping_forwards=blocks["skipping_forwards"],
                    block_recomputes=blocks["recomputes"],
@@ -478,17 +480,21 @@ def main(argv=None) -> int:
     rows.append({"config": "dense", "kind": "dense", "psnr": float("inf"), "seconds": bench.dense_s,
                  "compute_fraction": 1.0, "flops_fraction": 1.0})  # fmt: skip
 
-    mag_ratios = None
-    try:  # MagCache's own calibration, on clips the scores never see
-        clips = iter(tune)
-        mag_ratios = calibrate_mag_ratios(model, lambda: bench.generate(*next(clips)), steps, runs=len(tune))
-        meta["mag_ratios"] = mag_ratios
-    except Exception as e:
-        meta["mag_calibration"] = f"{type(e).__name__}: {e}"[:400]
-
-    todo = our_rows(args.tiny) + peer_rows(args.tiny, steps, mag_ratios)
+    todo = our_rows(args.tiny) + peer_rows(args.tiny, steps)
     if args.only:
         todo = [r for r in todo if re.search(args.only, r["label"])]
+    mags = [r for r in todo if r.get("peer") == "MagCache"]
+    if mags:
+        try:  # MagCache's own calibration, on clips the scores never see
+            clips = iter(tune)
+            ratios = calibrate_mag_ratios(model, lambda: bench.generate(*next(clips)), steps, runs=len(tune))
+            meta["mag_ratios"] = ratios
+            for r in mags:
+                r["settings"]["mag_ratios"] = list(ratios)
+        except Exception as e:  # every MagCache row says so
+            meta["mag_calibration"] = f"{type(e).__name__}: {e}"[:400]
+            for r in mags:
+                r["error"] = f"MagCache calibration failed: {meta['mag_calibration']}"
     for row in todo:
         rec = bench.score(row)
         rows.append(rec)
