@@ -144,7 +144,7 @@ def test_bench_multigpu_tiny(tmp_path):
     data = json.loads((tmp_path / "multigpu-cpu-tiny-x2.json").read_text())
     assert data["world_size"] == 2 and data["versions"]["diffusers"] and "NCCL_NVLS_ENABLE" in data["env"]
     summaries = {r["arrangement"]: r for r in data["records"] if r.get("summary")}
-    assert set(summaries) == {"shuffled", "clustered"}
+    assert set(summaries) == {"shuffled", "clustered", "all layers"}
     for r in summaries.values():
         assert r["dbsp_ms"] > 0 and r["ulysses_ms"] > 0 and r["one_gpu_ms"] > 0, r
         assert r["imbalance_ratio_dbsp"] <= r["imbalance_ratio_ulysses"], r
