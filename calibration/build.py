@@ -16,8 +16,8 @@ import torch
 
 from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..masks.layout import AXIS_ORDERS, TokenLayout
-from ..plans.heads import QUANT_FROM_PLAN, HeadTable
-from ..plans.methods import DenseConfig, SkipConfig, StripesConfig
+from ..plans.heads import NO_MAP, QUANT_FROM_PLAN, HeadTable
+from ..plans.methods import BlockMapConfig, DenseConfig, SkipConfig, StripesConfig
 from ..plans.schema import AttentionPlan
 from .candidates import CandidateSet
 from .costs import CostModel
@@ -36,6 +36,7 @@ class Options:
     pairs: list[tuple[int, int]]
     problem: Problem
     quant_err: torch.Tensor  # [G, L, H, Q] normalised
+    block_mass: torch.Tensor | None = None  # [G, L, H, O, 2, n, n]: what block-map candidates are thresholded from
 
 
 def step_weights(bounds, num_steps: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def make_problem(obs: Observations, cs: CandidateSet, bits, weights: torch.Tenso
         if bits[qi] != "none" and not quant_in_solve:
             valid[..., j] = False
     overhead = cost.call_overhead_ms / max(dense_head_ms, 1e-9)
-    return Options(pairs, Problem(err, work, time, valid, reuse_err, weights, overhead), quant_err)
+    return Options(pairs, Problem(err, work, time, valid, reuse_err, weights, overhead), quant_err, obs.block_mass)
 
 
 def lower_bits(options: Options, sel: Selection, cs: CandidateSet, bits, tolerance: float,
@@ -133,7 +134,8 @@ def lower_bits(options: Options, sel: Selection, cs: CandidateSet, bits, toleran
 def make_plan(
     options: Options, sel: Selection, cs: CandidateSet, bits, bounds, block_size: int
 ) -> AttentionPlan:
-    """The selection as a per-head plan (a :class:`HeadTable` over ``[G, L, H]``)."""
+    """The selection as a per-head plan (a :class:`HeadTable` over ``[G, L, H]``); a head on a block-map
+    candidate gets its map thresholded from its own block mass (identical maps are stored once)."""
     g, l, h = sel.choice.shape
     palette: list = []
     pal_index: dict = {}
@@ -148,6 +150,9 @@ def make_plan(
     order = torch.zeros(g, l, h, dtype=torch.int8)
     quant = torch.full((g, l, h), QUANT_FROM_PLAN, dtype=torch.int8)
     reuse = torch.zeros(g, l, h, dtype=torch.bool)
+    map_index = torch.full((g, l, h), NO_MAP, dtype=torch.int32)
+    maps: list[torch.Tensor] = []
+    map_ids: dict[bytes, int] = {}
     dense = DenseConfig()
     for gi in range(g):
         for li in range(l):
@@ -163,6 +168,13 @@ def make_plan(
                 cand = cs.candidates[ci]
                 method[gi, li, hi] = method_id(cand.method)
                 order[gi, li, hi] = AXIS_ORDERS.index(cand.order)
+                if isinstance(cand.method, BlockMapConfig):
+                    bm = cs.block_map(ci, options.block_mass[gi, li, hi])
+                    key = bm.numpy().tobytes()
+                    if key not in map_ids:
+                        map_ids[key] = len(maps)
+                        maps.append(bm)
+                    map_index[gi, li, hi] = map_ids[key]
                 if bits[qi] != "none" and not isinstance(cand.method, SkipConfig):
                     quant[gi, li, hi] = QUANT_MODES.index(bits[qi])
     # The runtime keeps a layer's output for reuse only from kernel rows: a row of exact heads before a
@@ -186,6 +198,8 @@ def make_plan(
         order_index=order if bool(order.any()) else None,
         quant_index=quant if bool((quant != QUANT_FROM_PLAN).any()) else None,
         reuse=reuse if bool(reuse.any()) else None,
+        map_index=map_index if maps else None,
+        block_maps=torch.stack(maps) if maps else None,
     )
     return AttentionPlan(method=DenseConfig(), quant="none", block_size=block_size, heads=table)
 

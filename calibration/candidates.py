@@ -7,7 +7,11 @@ known before the first observed call, so each call scores all of them on the sam
 
 * ``paro`` (PAROAttention): 3-D windows in each of the six F x H x W axis orders. The window is in grid
   coordinates; reordering changes which tokens share a block, so the same window costs fewer blocks in the
-  order that makes the head's neighbourhood contiguous (a temporal head in ``HWF``).
+  order that makes the head's neighbourhood contiguous (a temporal head in ``HWF``). And PARO as published:
+  per head and axis order, a *block map* thresholded from the head's own pooled attention at a few
+  densities (``blockmap``): the key blocks carrying the most of each query block's attention mass, the
+  diagonal and text blocks always kept. Its blocks differ per head, so its maps are built from the
+  observations (:func:`threshold_maps`), not here.
 * ``sparse_vdit`` (Sparse-vDiT): diagonal bands, multi-diagonals (same position in nearby frames), vertical
   stripes (a strided subset of key blocks, for near-uniform heads) and skipped heads.
 * ``ditfastattn`` (DiTFastAttn-v2): arrow windows (an image band plus all text) on joint text+image
@@ -34,6 +38,7 @@ from ..masks.permutations import axis_order_permutation
 from ..plans.methods import (
     ArrowConfig,
     BandConfig,
+    BlockMapConfig,
     DenseConfig,
     MethodConfig,
     MultiDiagonalConfig,
@@ -48,13 +53,14 @@ from ..plans.methods import (
 FAMILIES = ("paro", "sparse_vdit", "ditfastattn", "structural")
 # what each family contributes; method names of the plan vocabulary plus "reuse"
 FAMILY_METHODS = {
-    "paro": ("window3d_reordered",),
+    "paro": ("window3d_reordered", "blockmap"),
     "sparse_vdit": ("band", "multi_diagonal", "stripes", "skip"),
     "ditfastattn": ("arrow", "reuse"),
     "structural": ("window3d", "radial"),
 }
-METHOD_NAMES = ("window3d", "window3d_reordered", "radial", "band", "multi_diagonal", "stripes", "skip",
-                "arrow", "reuse")  # fmt: skip
+METHOD_NAMES = ("window3d", "window3d_reordered", "blockmap", "radial", "band", "multi_diagonal", "stripes",
+                "skip", "arrow", "reuse")  # fmt: skip
+BLOCKMAP_DENSITIES = (0.1, 0.2, 0.3, 0.5)  # the block densities each head's maps are thresholded at
 DEFAULT_METHODS = FAMILIES
 
 
@@ -94,7 +100,7 @@ class Candidate:
         label: short human name (``"window3d (1,2,2) HWF"``).
         family: ``dense``, ``paro``, ``sparse_vdit``, ``ditfastattn`` or ``structural``.
         method: the plan method config (``None`` for reuse).
-        order: axis order of the head's tokens (only ``window3d`` is ever reordered).
+        order: axis order of the head's tokens (only ``window3d`` and ``blockmap`` are ever reordered).
         reuse: the head returns its output of the latest computed step instead of attending.
     """
 
@@ -154,6 +160,10 @@ def candidate_configs(layout: TokenLayout, block_size: int, methods) -> list[Can
             fam = "structural" if order == "FHW" and "window3d" in names else "paro"
             for win in windows:
                 out.append(Candidate(f"window3d {win} {order}", fam, Window3DConfig(window=win), order))
+        if "blockmap" in names:
+            for order in AXIS_ORDERS:
+                for d in BLOCKMAP_DENSITIES:
+                    out.append(Candidate(f"blockmap {d:g} {order}", "paro", BlockMapConfig(density=d), order))
         if "radial" in names:
             for a in _half_widths(max(h, w))[1:5]:
                 win = (min(a, h - 1) * 2, min(a, w - 1) * 2)
@@ -174,6 +184,9 @@ def candidate_configs(layout: TokenLayout, block_size: int, methods) -> list[Can
     if "arrow" in names and layout.text_len > 0:
         for factor in (8, 16, 32):
             out.append(Candidate(f"arrow f={factor}", "ditfastattn", ArrowConfig(factor=factor)))
+    if "blockmap" in names and grid is None:  # no grid, no reordering: the model's own order
+        for d in BLOCKMAP_DENSITIES:
+            out.append(Candidate(f"blockmap {d:g}", "paro", BlockMapConfig(density=d)))
     if "stripes" in names:
         n_blocks = -(-n_img // block_size)
         for stride in (2, 4, 8, 16):
@@ -198,6 +211,10 @@ class OrderMaps:
     ``index``: candidate indices; ``maps``: bool ``[C_o, nQ, nK]`` block maps in that order's block space;
     ``perm``: the gather index of the order (``[S]``); ``pad``: ``[nK, block_size]`` positions of each key
     block, ``-1`` past a short block's end.
+
+    Block-map candidates of the order (their maps differ per head, see :func:`threshold_maps`):
+    ``map_index`` their candidate indices, ``map_counts`` the blocks each keeps, ``forced`` bool ``[nQ, nK]``
+    the blocks every map keeps, ``map_slot`` the order's index in the observations' block mass (``-1``: none).
     """
 
     order: str
@@ -205,6 +222,10 @@ class OrderMaps:
     maps: torch.Tensor
     perm: torch.Tensor
     pad: torch.Tensor
+    map_index: torch.Tensor | None = None
+    map_counts: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
+    map_slot: int = -1
 
 
 @dataclass
@@ -221,17 +242,35 @@ class CandidateSet:
     by_order: list[OrderMaps] = field(default_factory=list)
 
     @classmethod
-    def build(cls, layout: TokenLayout, block_size: int, methods, configs: list[Candidate] | None = None):
+    def build(cls, layout: TokenLayout, block_size: int, methods, configs: list[Candidate] | None = None,
+              rows: torch.Tensor | None = None):  # fmt: skip
         """Masks of ``configs`` (default :func:`candidate_configs`) on ``layout``. When ``configs`` is not
-        given, candidates repeating an earlier block map of the same order are dropped."""
+        given, candidates repeating an earlier block map of the same order are dropped.
+
+        ``rows``: the sampled query positions the observer scores; a block-map row no sampled query falls in
+        (in that order) has no observed mass, so its maps keep the whole row (:func:`forced_blocks`)."""
         dedupe = configs is None
         configs = candidate_configs(layout, block_size, methods) if configs is None else list(configs)
         geom = BlockGeometry(layout, block_size)
         n = geom.num_blocks
         kept, maps_of, seen = [], {}, {}
+        blockmaps: dict[str, list[tuple[int, int]]] = {}  # order -> [(candidate index, blocks kept)]
+        forced: dict[str, torch.Tensor] = {}
         windows = _window_maps(configs, layout, block_size)
         for cand in configs:
             if cand.reuse:
+                kept.append(cand)
+                continue
+            if isinstance(cand.method, BlockMapConfig):
+                if cand.order not in forced:
+                    forced[cand.order] = forced_blocks(layout, block_size, cand.order, rows)
+                floor = int(forced[cand.order].sum())
+                count = max(floor, min(n * n, round(cand.method.density * n * n)))
+                key = (cand.order, "blockmap", count)
+                if dedupe and key in seen:
+                    continue
+                seen[key] = len(kept)
+                blockmaps.setdefault(cand.order, []).append((len(kept), count))
                 kept.append(cand)
                 continue
             bm = windows.get((cand.order, cand.method)) if isinstance(cand.method, Window3DConfig) else None
@@ -246,17 +285,42 @@ class CandidateSet:
         density = torch.zeros(len(kept), dtype=torch.float64)
         pos_block = position_blocks(layout, block_size)
         by_order = []
-        for order in sorted(maps_of, key=AXIS_ORDERS.index):
-            idx = torch.tensor([i for i, _ in maps_of[order]])
-            maps = torch.stack([m for _, m in maps_of[order]])
+        slots = 0
+        for order in sorted(set(maps_of) | set(blockmaps), key=AXIS_ORDERS.index):
+            fixed = maps_of.get(order, [])
+            idx = torch.tensor([i for i, _ in fixed], dtype=torch.long)
+            maps = torch.stack([m for _, m in fixed]) if fixed else torch.zeros(0, n, n, dtype=torch.bool)
             density[idx] = maps.double().sum((-1, -2)) / (n * n)
             perm = (
                 axis_order_permutation(layout, order)
                 if layout.grid is not None
                 else torch.arange(layout.seq_len)
             )
-            by_order.append(OrderMaps(order, idx, maps, perm, _padded_blocks(pos_block, block_size)))
+            om = OrderMaps(order, idx, maps, perm, _padded_blocks(pos_block, block_size))
+            if order in blockmaps:
+                om.map_index = torch.tensor([i for i, _ in blockmaps[order]], dtype=torch.long)
+                om.map_counts = torch.tensor([c for _, c in blockmaps[order]], dtype=torch.long)
+                om.forced, om.map_slot = forced[order], slots
+                density[om.map_index] = om.map_counts.double() / (n * n)
+                slots += 1
+            by_order.append(om)
         return cls(layout, block_size, kept, density, by_order)
+
+    @property
+    def map_orders(self) -> list[OrderMaps]:
+        """The orders with block-map candidates, by their slot in the observations' block mass."""
+        return [om for om in self.by_order if om.map_slot >= 0]
+
+    def block_map(self, index: int, mass: torch.Tensor) -> torch.Tensor:
+        """The map block-map candidate ``index`` keeps for a head whose pooled mass per block-map order is
+        ``mass`` (``[O, 2, nQ, nK]``, the observations' ``block_mass[g, l, h]``: both halves of the sampled
+        rows are summed): bool ``[nQ, nK]``."""
+        for om in self.map_orders:
+            hit = (om.map_index == index).nonzero()
+            if hit.numel():
+                j = int(hit[0, 0])
+                return threshold_maps(mass[om.map_slot].sum(0), om.forced, om.map_counts[j : j + 1])[0]
+        raise ValueError(f"candidate {index} ({self.candidates[index].label}) is not a block-map candidate")
 
     def keys(self) -> list[dict]:
         return [c.key() for c in self.candidates]
@@ -268,6 +332,42 @@ class CandidateSet:
     @property
     def reordered(self) -> torch.Tensor:
         return torch.tensor([c.order != "FHW" for c in self.candidates])
+
+
+def forced_blocks(layout: TokenLayout, block_size: int, order: str, rows: torch.Tensor | None) -> torch.Tensor:
+    """bool ``[n, n]``: the blocks every block map of ``order`` keeps, as PARO keeps them: the diagonal, text
+    rows and columns, and the whole row of a query block none of the sampled ``rows`` falls in (nothing was
+    observed there)."""
+    geom = BlockGeometry(layout, block_size)
+    n = geom.num_blocks
+    text = geom.is_text()
+    keep = torch.eye(n, dtype=torch.bool)
+    keep[text, :] = True
+    keep[:, text] = True
+    if rows is not None:
+        perm = axis_order_permutation(layout, order) if layout.grid is not None else torch.arange(layout.seq_len)
+        seen = torch.zeros(n, dtype=torch.bool)
+        seen[position_blocks(layout, block_size)[torch.argsort(perm)[rows]]] = True
+        keep[~seen, :] = True
+    return keep
+
+
+def threshold_maps(mass: torch.Tensor, forced: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """PARO's thresholding: for each entry of ``counts``, the ``count`` blocks covering the most attention.
+
+    ``mass``: ``[..., nQ, nK]`` pooled attention mass per block (summed over sampled rows and calls); each
+    query block's row is normalised to its share of that row's attention, so the kept blocks are those that
+    leave the least mass out over all rows (the error of block-sparse attention grows with the mass it drops).
+    ``forced`` blocks come first. Returns bool ``[..., C, nQ, nK]``; ties go to the lower block index.
+    """
+    nq, nk = mass.shape[-2:]
+    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    score = torch.where(forced.to(mass.device), torch.full_like(share, 2.0), share).flatten(-2)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    keep = rank.unsqueeze(-2) < counts.to(rank.device)[:, None]  # [..., C, nQ * nK]
+    return keep.view(*mass.shape[:-2], counts.numel(), nq, nk)
 
 
 def _window_maps(configs: list[Candidate], layout: TokenLayout, block_size: int) -> dict:

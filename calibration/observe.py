@@ -12,6 +12,15 @@ A candidate mask keeps, for the query block of row ``r``, a set of key blocks ``
 renormalises over what it keeps, so its output on row ``r`` is exactly ``sum_K u / sum_K m``. The squared
 error against the exact row output is summed per candidate. Memory is ``O(R * S)`` per head: no S x S map.
 
+Block-map candidates (PARO's calibrated masks) keep different blocks per head: the observer pools each
+head's attention mass per (query block, key block) of every axis order with such candidates (the sampled
+rows of a query block averaged, keys summed per block: ``[nQ, nK]`` per head, never S x S) and sums it over
+the calls of each step group; the plan's map is thresholded from that sum. A map scored on the rows it was
+built from would look better than it is on the rows it never saw, so the sampled rows are split in two
+halves (alternate rows) pooled apart, and each half is scored against the maps thresholded from the other
+half's mass so far (this call's included): a cross-fitted, slightly pessimistic estimate of the map built
+from both halves.
+
 Besides the candidates' errors it records per head: the output energy (the error scale), the error of each
 bit-width (the kernel's quantized attention emulated on the same rows), the error of reusing the output of
 the previous step group (DiTFastAttn-v2 head-wise reuse) and, per axis order, how concentrated the block
@@ -21,17 +30,19 @@ mass is (PARO's criterion: the share of key blocks needed to cover 90% of it).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 
 from ..attn_kernels.reference import reference_attention
-from ..masks.layout import AXIS_ORDERS, TokenLayout
-from .candidates import CandidateSet, position_blocks
+from ..masks.layout import AXIS_ORDERS, BlockGeometry, TokenLayout
+from .candidates import CandidateSet, position_blocks, threshold_maps
 
 MASS_TOP_P = 0.9  # PARO concentration: share of key blocks that carry this much of a row's mass
 MAX_REUSE = 2  # a head may reuse its output for at most this many step groups in a row
 WORKING_SET = {"cuda": 2 << 30, "cpu": 256 << 20}  # bytes of per-chunk scratch; bounds heads per chunk
+MAX_BLOCK_MASS_BYTES = 2 << 30  # pooled block mass of block-map candidates; past it they are left out
 
 
 @dataclass
@@ -50,6 +61,9 @@ class Observations:
         concentration: ``[G, L, H, 6]`` summed share of key blocks covering ``MASS_TOP_P`` of the mass, per
             axis order (``AXIS_ORDERS``).
         calls: ``[G, L]`` calls observed; reuse_calls: ``[G, L, K]`` of them with an output ``k`` groups back.
+        block_mass: ``[G, L, H, O, 2, n, n]`` summed pooled attention mass per block of each half of the sampled
+            rows, for the ``O`` axis orders with block-map candidates (``CandidateSet.map_orders``) on the
+            calibrated layout's ``n`` blocks.
     """
 
     err: torch.Tensor
@@ -59,9 +73,11 @@ class Observations:
     concentration: torch.Tensor
     calls: torch.Tensor
     reuse_calls: torch.Tensor
+    block_mass: torch.Tensor
 
     @classmethod
-    def zeros(cls, groups: int, layers: int, heads: int, candidates: int, bits: int) -> Observations:
+    def zeros(cls, groups: int, layers: int, heads: int, candidates: int, bits: int, map_orders: int = 0,
+              blocks: int = 0) -> Observations:  # fmt: skip
         f = dict(dtype=torch.float64)
         return cls(
             torch.zeros(groups, layers, heads, candidates, **f),
@@ -71,6 +87,7 @@ class Observations:
             torch.zeros(groups, layers, heads, len(AXIS_ORDERS), **f),
             torch.zeros(groups, layers, dtype=torch.int64),
             torch.zeros(groups, layers, MAX_REUSE, dtype=torch.int64),
+            torch.zeros(groups, layers, heads, map_orders, 2, blocks, blocks, **f),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -154,6 +171,9 @@ class CalibrationObserver:
         self.obs: Observations | None = None
         self._scratch: dict = {}  # per (layout, device): rows, query blocks and maps on the device
         self._ends: dict = {}  # (layer, branch) -> {group: outputs [n, R, D] of its latest step} in this run
+        # block mass of the finished prompts (``self.obs`` holds the current prompt's): block-map candidates
+        # are scored against maps from everything observed so far
+        self.mass_base: torch.Tensor | None = None
         self.calls_seen = 0
 
     # ------------------------------------------------------------------ set-up
@@ -161,10 +181,29 @@ class CalibrationObserver:
     def candidates(self):
         return None if self._configs is None else list(self._configs)
 
+    def rows(self, layout: TokenLayout) -> torch.Tensor:
+        """The sampled query positions of ``layout`` (``rows_per_block`` per query block, from the seed)."""
+        n_q = BlockGeometry(layout, self.block_size).num_blocks
+        return sample_rows(layout.seq_len, self.rows_per_block * n_q, self.seed)
+
     def candidate_set(self, layout: TokenLayout) -> CandidateSet:
         cs = self.sets.get(layout)
         if cs is None:
-            cs = CandidateSet.build(layout, self.block_size, self.methods, self._configs)
+            cs = CandidateSet.build(layout, self.block_size, self.methods, self._configs, self.rows(layout))
+            if self._configs is None and cs.map_orders:
+                n = BlockGeometry(layout, self.block_size).num_blocks
+                g = len(self.step_bounds) - 1
+                size = 16 * g * self.num_layers * self.num_heads * len(cs.map_orders) * n * n
+                if size > MAX_BLOCK_MASS_BYTES:
+                    warnings.warn(
+                        f"fastattn calibration: block-map candidates left out: their pooled block mass would "
+                        f"take {size / 2**30:.1f} GiB ({g} step groups x {self.num_layers} layers x "
+                        f"{self.num_heads} heads x {len(cs.map_orders)} orders x {n}^2 blocks), over "
+                        f"{MAX_BLOCK_MASS_BYTES / 2**30:g} GiB; use fewer step_groups or a larger block_size",
+                        stacklevel=2,
+                    )
+                    self.methods = tuple(m for m in self.methods if m != "blockmap")
+                    cs = CandidateSet.build(layout, self.block_size, self.methods, None, self.rows(layout))
             if self._configs is None:
                 self._configs = cs.candidates
             self.sets[layout] = cs
@@ -174,7 +213,7 @@ class CalibrationObserver:
         """Build the candidates for ``layout`` (the joint layout of the model's calls) ahead of the first call."""
         self._check_layout(layout)
         cs = self.candidate_set(layout)
-        self._ensure_obs(len(cs.candidates))
+        self._ensure_obs(cs)
         return cs
 
     def _check_layout(self, layout: TokenLayout) -> None:
@@ -187,10 +226,12 @@ class CalibrationObserver:
                 "calibrated at one resolution: give every prompt the same size"
             )
 
-    def _ensure_obs(self, n_cand: int) -> None:
+    def _ensure_obs(self, cs: CandidateSet) -> None:
         if self.obs is None:
             g = len(self.step_bounds) - 1
-            self.obs = Observations.zeros(g, self.num_layers, self.num_heads, n_cand, len(self.bits))
+            n = BlockGeometry(cs.layout, self.block_size).num_blocks if cs.map_orders else 0
+            self.obs = Observations.zeros(g, self.num_layers, self.num_heads, len(cs.candidates), len(self.bits),
+                                          len(cs.map_orders), n)  # fmt: skip
 
     def new_run(self) -> None:
         """A new denoising run starts: forget the last outputs (reuse compares steps of one run only)."""
@@ -212,7 +253,7 @@ class CalibrationObserver:
                 f"{call.layer} with {h} heads"
             )
         cs = self.candidate_set(layout)
-        self._ensure_obs(len(cs.candidates))
+        self._ensure_obs(cs)
         g = step_group(ctx.step, ctx.num_steps or self.num_steps, self.step_bounds)
         layer = call.layer
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(d)
@@ -224,17 +265,31 @@ class CalibrationObserver:
         chunk = max(1, WORKING_SET["cuda" if q.is_cuda else "cpu"] // max(per_head, 1))
         qr = q[:, :, rows].reshape(b * h, n_rows, d)
         kk, vv = k.reshape(b * h, s, d), v.reshape(b * h, s, v.shape[-1])
-        outs, err, energy, conc = [], [], [], []
+        obs = self.obs
+        # the block mass so far of each head (the maps this call is scored against add its own)
+        maps_fit = obs.block_mass.shape[-1] == sc["n_blocks"]
+        prev = None
+        if maps_fit:
+            prev = obs.block_mass[g, layer]
+            if self.mass_base is not None and self.mass_base.shape == obs.block_mass.shape:
+                prev = prev + self.mass_base[g, layer]
+            prev = prev.to(q.device, torch.float32)
+        head_of = torch.arange(b * h, device=q.device) % h
+        outs, err, energy, conc, pooled = [], [], [], [], []
         for lo in range(0, b * h, chunk):
             sl = slice(lo, min(b * h, lo + chunk))
-            o, e, en, cc = self._score(qr[sl], kk[sl], vv[sl], scale, cs, sc)
+            o, e, en, cc, pm = self._score(
+                qr[sl], kk[sl], vv[sl], scale, cs, sc, None if prev is None else prev[head_of[sl]]
+            )
             outs.append(o)
             err.append(e)
             energy.append(en)
             conc.append(cc)
+            pooled.append(pm)
         out = torch.cat(outs)  # [n, R, Dv] exact rows
-        obs = self.obs
         fold = lambda x: x.reshape(b, h, *x.shape[1:]).mean(0).double().cpu()  # noqa: E731  batch -> mean
+        if prev is not None:
+            obs.block_mass[g, layer] += fold(torch.cat(pooled))
         obs.err[g, layer] += fold(torch.cat(err))
         obs.energy[g, layer] += fold(torch.cat(energy))
         obs.concentration[g, layer] += fold(torch.cat(conc))
@@ -249,29 +304,47 @@ class CalibrationObserver:
         key = (layout, str(device))
         sc = self._scratch.get(key)
         if sc is None:
-            n_q = cs.by_order[0].maps.shape[1] if cs.by_order else 1
-            rows = sample_rows(layout.seq_len, self.rows_per_block * n_q, self.seed)
+            rows = self.rows(layout)
             pos_block = position_blocks(layout, self.block_size)
+            n = int(pos_block.max()) + 1
             orders = []
             for om in cs.by_order:
                 inv = torch.argsort(om.perm)
                 valid = om.pad >= 0
                 tok = om.perm[om.pad.clamp(min=0)]  # [nK, bs] token of each block slot
-                orders.append({
+                qblock = pos_block[inv[rows]]  # the query block of each sampled row in this order
+                entry = {
                     "index": om.index.to(device),
                     # per sampled row, the key blocks each candidate keeps for that row's query block
-                    "keep": om.maps[:, pos_block[inv[rows]], :].to(device),
+                    "keep": om.maps[:, qblock, :].to(device),
                     "tok": tok.to(device),
                     "valid": valid.to(device),
                     "axis": AXIS_ORDERS.index(om.order),
-                })  # fmt: skip
-            sc = {"rows": rows.to(device), "orders": orders, "n_blocks": int(pos_block.max()) + 1,
-                  "n_cand": len(cs.candidates)}  # fmt: skip
+                    "slot": om.map_slot,
+                }
+                if om.map_slot >= 0:
+                    r = rows.numel()
+                    half = torch.arange(r) % 2  # the two halves of the sampled rows, alternating
+                    # [2, nQ, R]: per half, the mean over a query block's sampled rows of that half
+                    pool = torch.zeros(2, n, r)
+                    pool[half, qblock, torch.arange(r)] = 1.0
+                    pool /= pool.sum(-1, keepdim=True).clamp_min(1.0)
+                    # a half's maps keep whole the rows it has no sample of (as the plan's maps do for all rows)
+                    forced = torch.stack([om.forced | ~pool[i].sum(-1, keepdim=True).bool() for i in (0, 1)])
+                    counts = torch.maximum(om.map_counts[None], forced.sum((-1, -2))[:, None])
+                    entry.update(pool=pool.to(device), qblock=qblock.to(device), half=half.bool().to(device),
+                                 forced=forced.to(device), counts=counts.to(device),
+                                 map_index=om.map_index.to(device))  # fmt: skip
+                orders.append(entry)
+            sc = {"rows": rows.to(device), "orders": orders, "n_blocks": n, "n_cand": len(cs.candidates),
+                  "map_orders": len(cs.map_orders)}  # fmt: skip
             self._scratch[key] = sc
         return sc
 
-    def _score(self, qr, k, v, scale, cs: CandidateSet, sc):
-        """Exact rows, candidate errors, energy and mass concentration of ``n`` heads (``[n, R, D]`` rows)."""
+    def _score(self, qr, k, v, scale, cs: CandidateSet, sc, prev=None):
+        """Exact rows, candidate errors, energy, mass concentration and pooled block mass ``[n, O, 2, nQ, nK]``
+        of ``n`` heads (``[n, R, D]`` rows); ``prev``: their block mass of earlier calls (``None``: the
+        block-map candidates cannot be served on this layout, they get the error of computing nothing)."""
         p = torch.softmax(torch.einsum("nrd,nsd->nrs", qr.float(), k.float()) * scale, dim=-1)
         vf = v.float()
         out = torch.einsum("nrs,nsd->nrd", p, vf)
@@ -279,6 +352,8 @@ class CalibrationObserver:
         n = qr.shape[0]
         err = torch.zeros(n, sc["n_cand"], device=qr.device)
         conc = torch.zeros(n, len(AXIS_ORDERS), device=qr.device)
+        nb = sc["n_blocks"]
+        pooled = torch.zeros(n, sc["map_orders"], 2, nb, nb, device=qr.device)
         for om in sc["orders"]:
             tok, valid = om["tok"], om["valid"]
             pb = p[:, :, tok] * valid  # [n, R, nK, bs]
@@ -294,10 +369,26 @@ class CalibrationObserver:
             # a row whose mask keeps no key returns zeros in the kernel
             e = torch.where(den > 0, e, out.pow(2).sum(-1)[:, None].expand_as(e))
             err[:, om["index"]] = e.mean(-1)
+            if om["slot"] >= 0:
+                pooled[:, om["slot"]] = torch.einsum("hqr,nrk->nhqk", om["pool"], m)
+                if prev is None:
+                    err[:, om["map_index"]] = energy[:, None]
+                else:
+                    mass = prev[:, om["slot"]] + pooled[:, om["slot"]]  # [n, 2, nQ, nK]
+                    # rows of half 1 read the maps of half 0's mass, and the other way round
+                    maps = [threshold_maps(mass[:, i], om["forced"][i], om["counts"][i]) for i in (0, 1)]
+                    qb = om["qblock"]
+                    keep = torch.where(om["half"][None, None, :, None], maps[0][:, :, qb], maps[1][:, :, qb])
+                    keep = keep.float()  # [n, C_b, R, nK]
+                    num = torch.einsum("ncrk,nrkd->ncrd", keep, u)
+                    den = torch.einsum("ncrk,nrk->ncr", keep, m)
+                    e = (num / den.clamp_min(1e-30)[..., None] - out[:, None]).pow(2).sum(-1)
+                    e = torch.where(den > 0, e, out.pow(2).sum(-1)[:, None].expand_as(e))
+                    err[:, om["map_index"]] = e.mean(-1)
             top = torch.sort(m, dim=-1, descending=True).values.cumsum(-1)
             needed = (top < MASS_TOP_P * top[..., -1:]).sum(-1) + 1
             conc[:, om["axis"]] = needed.float().mean(-1) / m.shape[-1]
-        return out, err, energy, conc
+        return out, err, energy, conc, pooled
 
     def _quant_errors(self, q_rows, k, v, scale, out) -> torch.Tensor:
         """``[H, Q]`` mean squared row error of each bit-width (the kernel's quantization, emulated exactly

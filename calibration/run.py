@@ -35,13 +35,13 @@ from ..plans.meta import PlanMeta
 from ..plans.methods import StripesConfig, describe, method_from_name
 from ..plans.schema import AttentionPlan
 from . import build as B
-from .candidates import DEFAULT_METHODS, Candidate, resolve_methods
+from .candidates import DEFAULT_METHODS, Candidate, CandidateSet, resolve_methods
 from .costs import CostModel
 from .observe import CalibrationObserver, Observations
 from .select import BudgetError, Selection, _totals, select
 
 CHECKPOINT_FORMAT = "fastattn-calibration-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: reuse errors per distance (observe.MAX_REUSE)
+CHECKPOINT_VERSION = 3  # 2: reuse errors per distance (observe.MAX_REUSE); 3: pooled block mass (blockmap)
 DEFAULT_BITS = ("none", "int8-fp8", "fp8")
 # the observation plan: every key of every query (text rows/columns dense), served by the kernel
 OBSERVE_METHOD = StripesConfig(key_ranges=((0.0, 1.0),))
@@ -57,13 +57,16 @@ class CalibrationInterrupted(KeyboardInterrupt):
 
 @dataclass
 class CalibrationResult:
-    """What :func:`run_calibration` returns: the plan, its file meta, the report, and the raw material."""
+    """What :func:`run_calibration` returns: the plan, its file meta, the report, and the raw material (the
+    observations, and the candidates and options the selection chose among)."""
 
     plan: AttentionPlan
     meta: PlanMeta
     report: dict
     selection: Selection
     observations: Observations
+    candidates: CandidateSet | None = None
+    options: B.Options | None = None
 
     def save(self, directory) -> Path:
         """Plan directory (``plan.json`` + ``plan.safetensors``) plus ``report.json`` and ``head_map.png``."""
@@ -237,7 +240,7 @@ def run_calibration(
         doc=f"calibrated per head on {len(prompts)} prompt(s): expected attention work {sel.work:.3f}, "
             f"estimated error {sel.error:.2e}", fastattn_version=__version__,
     )  # fmt: skip
-    return CalibrationResult(plan, meta, report, sel, total_obs)
+    return CalibrationResult(plan, meta, report, sel, total_obs, cs, options)
 
 
 def calibrate(
@@ -301,6 +304,8 @@ def _observe(target, prompts, steps, seed, observer, ckpt, progress, on_progress
     total = ckpt.observations if ckpt else None
     if ckpt and ckpt.layout is not None:
         observer.layout = ckpt.layout
+    if total is not None:
+        observer.mass_base = total.block_mass
     handle = target.enable(AttentionPlan(method=OBSERVE_METHOD, block_size=observer.block_size))
     stats, current = None, None
     try:
@@ -319,6 +324,7 @@ def _observe(target, prompts, steps, seed, observer, ckpt, progress, on_progress
                 total = observer.obs.clone()
             else:
                 total.add(observer.obs)
+            observer.mass_base = total.block_mass
             done.add(i)
             if ckpt:
                 ckpt.save(sorted(done), total, observer.candidates, observer.layout)

@@ -166,3 +166,135 @@ def test_block_map_heads_on_another_block_grid_run_a_full_mask_and_are_counted()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     notes = rt.stats.as_dict()["notes"]
     assert [n for n, c in notes.items() if "another block grid" in n and c == 2], notes
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def test_observer_pools_block_mass_and_scores_block_maps_cross_fitted_as_masked_attention():
+    from fastattn.calibration.candidates import position_blocks, threshold_maps
+    from fastattn.calibration.observe import CalibrationObserver
+    from fastattn.masks.permutations import axis_order_permutation
+
+    layout = TokenLayout.video(3, 4, 6, text_len=10)  # text first, ragged blocks
+    bs = 16
+    obs = CalibrationObserver(("blockmap",), 1, 2, (0.0, 1.0), 1, ("none",), bs, rows_per_block=3, seed=5)
+    cs = obs.candidate_set(layout)
+    assert len(cs.map_orders) == 6
+    sc = obs._scratch_for(layout, cs, torch.device("cpu"))
+    rows = sc["rows"]
+    half = torch.arange(rows.numel()) % 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, layout.seq_len, 16, generator=g) * 2 for _ in range(3))
+    scale = 0.25
+    n = sc["n_blocks"]
+    prev = torch.rand(2, 6, 2, n, n, generator=g) * 3  # mass of earlier calls
+    out, err, _, _, pooled = obs._score(q[:, rows], k, v, scale, cs, sc, prev)
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, -1)
+    exact = p @ v
+    pos_block = position_blocks(layout, bs)
+    checked = 0
+    for om in cs.map_orders:
+        perm = axis_order_permutation(layout, om.order)
+        qb = pos_block[torch.argsort(perm)[rows]]
+        # pooled mass per half: the mean over a query block's sampled rows of the attention each key block gets
+        per_block = torch.zeros(2, rows.numel(), n).index_add_(2, pos_block, p[:, rows][:, :, perm])
+        mass = torch.zeros(2, 2, n, n)
+        for i in (0, 1):
+            for b in range(n):
+                sel = (qb == b) & (half == i)
+                if sel.any():
+                    mass[:, i, b] = per_block[:, sel].mean(1)
+        torch.testing.assert_close(pooled[:, om.map_slot], mass, rtol=1e-5, atol=1e-6)
+        for j, ci in enumerate(om.map_index.tolist()):
+            for head in range(2):
+                want = torch.zeros(())
+                for i in (0, 1):  # rows of half 1 - i are scored against the map of half i
+                    m = prev[head, om.map_slot, i] + mass[head, i]
+                    forced = om.forced | ~torch.zeros(n, dtype=torch.bool).index_fill_(0, qb[half == i], True)[:, None]
+                    count = max(int(om.map_counts[j]), int(forced.sum()))
+                    bm = threshold_maps(m, forced, torch.tensor([count]))[0]
+                    assert int(bm.sum()) == count and bool(bm[forced].all())
+                    tok = BlockMask.from_block_map(bm, layout, bs).to_token_mask()[0, 0]
+                    qp, kp, vp = q[head, perm], k[head, perm], v[head, perm]
+                    o = torch.softmax((qp @ kp.T * scale).masked_fill(~tok, -math.inf), -1) @ vp
+                    o_orig = torch.empty_like(o)
+                    o_orig[perm] = o
+                    scored = rows[half == 1 - i]
+                    want = want + (o_orig[scored] - exact[head, scored]).pow(2).sum(-1).sum()
+                want = want / rows.numel()
+                assert torch.allclose(err[head, ci], want, rtol=1e-4, atol=1e-6), cs.candidates[ci].label
+                checked += 1
+        # the plan's map: both halves summed, thresholded with the forced blocks of all rows
+        full = cs.block_map(int(om.map_index[0]), pooled[0])
+        assert full.equal(threshold_maps(mass[0].sum(0), om.forced, om.map_counts[:1])[0])
+    assert checked >= 6 * 2  # every order, both heads (the densities under the forced blocks collapse)
+
+
+def test_threshold_keeps_forced_blocks_then_the_most_attended():
+    from fastattn.calibration.candidates import threshold_maps
+
+    mass = torch.tensor([[[5.0, 1.0, 4.0], [0.0, 2.0, 6.0], [3.0, 3.0, 3.0]]])
+    forced = torch.eye(3, dtype=torch.bool)
+    maps = threshold_maps(mass, forced, torch.tensor([3, 5]))
+    assert maps.shape == (1, 2, 3, 3)
+    assert maps[0, 0].equal(forced)
+    # next by share of their row: (1, 2) 0.75, then (0, 2) 0.4
+    want = forced.clone()
+    want[1, 2] = want[0, 2] = True
+    assert maps[0, 1].equal(want)
+
+
+def test_calibration_chooses_block_maps_where_they_beat_the_fixed_candidates(tmp_path):
+    """The learned testbed setup of test_calibration.py: one observation, the selection with and without the
+    block-map candidates at the same target work; the plan with block maps picks some and its final latents
+    are no further from dense (held-out clips)."""
+    import dataclasses
+
+    from fastattn.calibration import build as B
+    from fastattn.calibration import run_calibration
+    from fastattn.calibration.select import select
+    from fastattn.evaluation.metrics import rel_l2
+    from fastattn.testbed.fast import enable
+    from fastattn.testbed.sample import load_testbed, sample
+
+    learned = load_testbed()
+    kw = dict(frames=4, size=32)  # grid (4, 8, 8): 256 tokens, 16 blocks of 16
+    steps, block, work, bits = 3, 16, 0.2, ("none",)
+    held = [(4, 7), (13, 8)]
+
+    def final(plan=None):
+        h = enable(learned, plan=plan) if plan is not None else None
+        try:
+            outs = [sample(learned, [lab], num_steps=steps, seed=s, return_latents=True, **kw)[1] for lab, s in held]
+            return torch.cat(outs), h.stats() if h is not None else None
+        finally:
+            if h is not None:
+                h.disable()
+
+    res = run_calibration(learned, [(1, 100)], target_density=work, steps=steps, block_size=block, bits=bits,
+                          rows_per_block=4, sensitivity_prompts=0, progress=False, **kw)  # fmt: skip
+    cs, options = res.candidates, res.options
+    is_map = torch.tensor([isinstance(cs.candidates[ci].method, BlockMapConfig) for ci, _ in options.pairs])
+    assert is_map.any()
+    without = dataclasses.replace(options.problem, valid=options.problem.valid & ~is_map)
+    sel_without = select(without, target_density=work)
+    plan_without = B.make_plan(dataclasses.replace(options, problem=without), sel_without, cs, bits,
+                               res.plan.heads.step_bounds, block)  # fmt: skip
+    plan_with = res.plan
+    table = plan_with.heads
+    assert table.block_maps is not None and plan_without.heads.block_maps is None
+    chosen = sum(isinstance(table.methods[m], BlockMapConfig) for m in table.method_index.flatten().tolist())
+    assert chosen >= 5, table.describe()
+    assert res.selection.error <= sel_without.error  # a superset of options never estimates worse
+    # the maps survive the plan file
+    back = AttentionPlan.load(res.save(tmp_path / "plan"))
+    assert torch.equal(back.heads.block_maps, table.block_maps)
+
+    dense, _ = final()
+    out_with, st_with = final(back)
+    out_without, st_without = final(plan_without)
+    assert st_with["density"] <= work + 1e-6 and st_without["density"] <= work + 1e-6
+    assert st_with["fallbacks"] == {} and not [n for n in st_with["notes"] if "blockmap" in n]
+    e_with, e_without = float(rel_l2(out_with, dense)), float(rel_l2(out_without, dense))
+    assert e_with <= e_without, (e_with, e_without)

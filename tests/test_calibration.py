@@ -67,7 +67,7 @@ def test_observed_errors_equal_masked_attention_on_the_sampled_rows():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, layout.seq_len, 16, generator=g) * 2 for _ in range(3))
     scale = 0.25
-    out, err, energy, _ = obs._score(q[:, sc["rows"]], k, v, scale, cs, sc)
+    out, err, energy, _, _ = obs._score(q[:, sc["rows"]], k, v, scale, cs, sc)
     rows = sample_rows(layout.seq_len, 3 * sc["n_blocks"], 5)
     assert torch.equal(rows, sc["rows"])
     exact = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
