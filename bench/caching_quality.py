@@ -100,6 +100,10 @@ def our_rows(tiny: bool) -> list[dict]:
         for cache in caches:
             rows.append({"label": f"{preset}+cache {_cache_label(cache)}", "kind": "ours", "sparse": True,
                          "enable": {"preset": f"testbed/{preset}", "cache": cache}})  # fmt: skip
+    if not tiny:  # quantized dense attention (not sparsity) with our cache, for comparison
+        for cache in (fixed(0.5), fixed(0.6)):
+            rows.append({"label": f"int8+cache {_cache_label(cache)}", "kind": "ours", "sparse": False,
+                         "enable": {"method": "dense", "quant": "int8", "cache": cache}})  # fmt: skip
     for cache in alone:
         rows.append({"label": f"dense+cache {_cache_label(cache)}", "kind": "ours", "sparse": False,
                      "enable": {"method": "dense", "cache": cache}})  # fmt: skip
@@ -337,29 +341,37 @@ def _our_stats(handle) -> dict:
 # ---------------------------------------------------------------------------------------------- summary
 
 
+def _versus(r: dict, rivals: list[dict], key: str) -> dict:
+    best = max(rivals, key=lambda p: p["psnr"]) if rivals else None
+    return {"ours": r["config"], "ours_psnr": r["psnr"], f"ours_{key}": r[key], "peer": best and best["config"],
+            "peer_psnr": best and best["psnr"], f"peer_{key}": best and best[key],
+            "margin_db": (r["psnr"] - best["psnr"]) if best else None}  # fmt: skip
+
+
+def compare(ours: list[dict], peers: list[dict], key: str, tol: float, conservative: bool = False):
+    """Each of ``ours`` against the best peer whose ``key`` (``compute_fraction`` or ``flops_fraction``) is within
+    ``tol`` of it (``conservative``: every peer that computes no more than it, plus ``tol``); returns the
+    comparisons and the one with the largest margin (None when no row has a rival)."""
+    out = []
+    for r in ours:
+        if conservative:
+            rivals = [p for p in peers if p[key] <= r[key] + tol]
+        else:
+            rivals = [p for p in peers if abs(p[key] - r[key]) <= tol]
+        out.append(_versus(r, rivals, key))
+    scored = [m for m in out if m["margin_db"] is not None]
+    return out, max(scored, key=lambda m: m["margin_db"], default=None)
+
+
 def summarize(rows: list[dict], tol: float) -> dict:
     ok = [r for r in rows if "psnr" in r]
     peers = [r for r in ok if r["kind"] == "peer"]
-    ours = [r for r in ok if r["kind"] == "ours" and r.get("sparse") and "cache" in (r.get("enable") or {})]
-
-    def versus(r, rivals):
-        best = max(rivals, key=lambda p: p["psnr"]) if rivals else None
-        return {"ours": r["config"], "ours_psnr": r["psnr"], "ours_compute": r["compute_fraction"],
-                "ours_flops": r["flops_fraction"], "peer": best and best["config"], "peer_psnr": best and best["psnr"],
-                "peer_compute": best and best["compute_fraction"],
-                "margin_db": (r["psnr"] - best["psnr"]) if best else None}  # fmt: skip
-
-    matched = [versus(r, [p for p in peers if abs(p["compute_fraction"] - r["compute_fraction"]) <= tol])
-               for r in ours]  # fmt: skip
-    # conservative: every peer that computes no more than we do (plus the tolerance) is a rival
-    conservative = [versus(r, [p for p in peers if p["compute_fraction"] <= r["compute_fraction"] + tol])
-                    for r in ours]  # fmt: skip
-    best_matched = max(
-        (m for m in matched if m["margin_db"] is not None), key=lambda m: m["margin_db"], default=None
-    )
-    best_cons = max(
-        (m for m in conservative if m["margin_db"] is not None), key=lambda m: m["margin_db"], default=None
-    )
+    cached = [r for r in ok if r["kind"] == "ours" and "cache" in (r.get("enable") or {})]
+    ours = [r for r in cached if r.get("sparse")]  # the target's rows: cache + sparsity
+    matched, best_matched = compare(ours, peers, "compute_fraction", tol)
+    _, best_cons = compare(ours, peers, "compute_fraction", tol, conservative=True)
+    _, best_flops = compare(ours, peers, "flops_fraction", tol)
+    _, best_any = compare(cached, peers, "compute_fraction", tol)  # cache alone or with int8 included
 
     fast = next((r for r in ok if r["config"] == "fast"), None)
     fast_cache = []
@@ -373,6 +385,8 @@ def summarize(rows: list[dict], tol: float) -> dict:
         "match_tol": tol,
         "best_matched": best_matched,
         "best_conservative": best_cons,
+        "best_matched_flops": best_flops,
+        "best_matched_any_cache": best_any,
         "matched": matched,
         "fast_psnr": fast and fast["psnr"],
         "fast_seconds": fast and fast["seconds"],

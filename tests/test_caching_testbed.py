@@ -266,6 +266,11 @@ def test_caching_quality_summary_matches_compute():
         -5.5
     )
     assert not s["targets_met"]["cache+sparsity >= best peer + 1 dB at matched compute"]
+    # our cache alone counts only in the informative comparison, never in the target's
+    assert (
+        s["best_matched_any_cache"]["ours"] == "dense+cache" and s["best_matched_any_cache"]["peer"] == "FBC"
+    )
+    assert s["best_matched_flops"]["ours_flops_fraction"] == 0.70
     assert s["best_fast_cache"]["config"] == "fast+cache a"
     assert s["best_fast_cache"]["speedup_vs_fast"] == pytest.approx(4.0 / 2.8)
     assert s["targets_met"]["fast+cache >= 24 dB and >= 1.3x fast"]
