@@ -8,11 +8,14 @@ dense attention ran instead of the kernel (``None`` when it did not); it counts 
 warns once per fallback reason; :func:`run_attention` returns the reason with every call.
 
 Both run the ``torch.library`` custom op ``fastattn::sparse_attention`` so ``torch.compile`` treats the
-kernel as one opaque node. CUDA tensors run the Triton kernel; CPU tensors run the listed blocks only
-(:mod:`.cpu_sparse`, batched PyTorch products that equal the exact reference up to float rounding), or the
-Triton kernel in the interpreter when ``TRITON_INTERPRET=1`` and ``backend="triton"``.
-Inputs the kernel cannot serve (head_dim other than 64/128, fp32, a GPU older than Ampere) run exact
-dense attention instead.
+kernel as one opaque node. CUDA tensors run FlashAttention-4 (:mod:`.fa4`, with ``fastattn[fa4]`` installed,
+on sm90/sm100, for 16-bit calls without quantization or permutation on its block grid) or else the Triton
+kernel; CPU tensors run the listed blocks only (:mod:`.cpu_sparse`, batched PyTorch products that equal the
+exact reference up to float rounding), or the Triton kernel in the interpreter when ``TRITON_INTERPRET=1``
+and ``backend="triton"``. Inputs no kernel can serve (head_dim other than 64/128, fp32, a GPU older than
+Ampere) run exact dense attention instead. Every result names the backend that served it
+(:attr:`AttentionResult.backend`); :func:`backend_stats` counts them per process, with the reasons
+``backend="auto"`` left a CUDA call off FA4 (``FASTATTN_FA4=0`` keeps it off).
 
 The op has an autograd formula (:mod:`.backward`): gradients of the reference math over the same block lists
 and permutation, whichever forward ran (straight-through for quantized modes); the dense fallback is SDPA's.
@@ -23,13 +26,16 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import warnings
 import weakref
+from collections import Counter
 from typing import NamedTuple
 
 import torch
 
 from . import backward as _backward
+from . import fa4 as _fa4
 from . import quantize as Qz
 from .geometry import BlockLists, KernelGeometry, check_block_lists
 from .reference import attention_reference, reference_attention
@@ -73,20 +79,56 @@ def _record_fallback(reason: str) -> None:
     _warn_once(reason, f"fastattn: dense attention fallback ({reason}); run_attention returns it per call", 3)
 
 
-class AttentionResult(NamedTuple):
-    """What one attention call returns."""
-
+class _Result(NamedTuple):
     out: torch.Tensor  # [B, H, Sq, D]: q's dtype (and q's strides from the kernel)
     lse: torch.Tensor  # [B, H, Sq] float32 natural-log log-sum-exp; -inf for rows that read no key
     fallback: str | None  # why exact dense attention ran instead of the kernel; None if it did not
+
+
+class AttentionResult(_Result):
+    """What one attention call returns: ``(out, lse, fallback)`` (it unpacks as those three), and
+    ``backend``, what served the call: ``"fa4"``, ``"triton"``, ``"cpu"`` (listed blocks in PyTorch),
+    ``"reference"``, or ``"dense"`` (the exact dense fallback); None for a result built without one."""
+
+    backend: str | None = None
+
+    def __new__(cls, out, lse, fallback, backend: str | None = None):
+        res = super().__new__(cls, out, lse, fallback)
+        res.backend = backend
+        return res
+
+
+BACKENDS = ("auto", "triton", "fa4", "reference")
+# per process: calls by the backend that served them, and why backend="auto" left CUDA calls off FA4
+_served: Counter = Counter()
+_fa4_skipped: Counter = Counter()
+
+
+def backend_stats() -> dict:
+    """``{"served": {backend: calls}, "fa4_skipped": {reason: calls}}`` since the last reset (eager calls;
+    a compiled graph counts when it is traced). Each result also says its backend."""
+    return {"served": dict(_served), "fa4_skipped": dict(_fa4_skipped)}
+
+
+def reset_backend_stats() -> None:
+    _served.clear()
+    _fa4_skipped.clear()
+
+
+def _served_by(res: AttentionResult, skipped: str | None = None) -> AttentionResult:
+    if not torch.compiler.is_compiling():
+        _served[res.backend] += 1
+        if skipped is not None and res.out.is_cuda:
+            _fa4_skipped[skipped] += 1
+    return res
 
 
 # ----------------------------------------------------------------------------- checks
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_tensors(q, k, v, square: bool) -> None:
@@ -216,11 +258,13 @@ def _sparse_attention_op(
     q_split: int,
     kv_split: int,
     quant: str,
-    use_triton: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     geometry = KernelGeometry(q.shape[2], k.shape[2], block_size, q_split, kv_split)
     lists = BlockLists(kv_counts, kv_indices, geometry)
-    if use_triton:
+    if kernel == "fa4":  # chosen by _attend: 16-bit, no quant, no perm, lists on FA4's grid
+        return _fa4.fa4_attention(q, k, v, lists, scale)
+    if kernel == "triton":
         from .triton_attention import triton_attention
 
         return triton_attention(q, k, v, lists, scale, quant, perm)
@@ -232,7 +276,7 @@ def _sparse_attention_op(
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, perm, scale, block_size, q_split, kv_split, quant, use_triton):
+def _(q, k, v, kv_counts, kv_indices, perm, scale, block_size, q_split, kv_split, quant, kernel):
     b, h, s, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -294,15 +338,18 @@ def run_attention(
         quant: a mode of :data:`fastattn.attn_kernels.QUANT_MODES` (see :func:`sparse_attention`).
         perm: gather index ``[S]`` or ``[H, S]``, self-attention only (``Sq == Skv``): attention runs on the
             reordered tokens (the block lists are in that order), the output comes back in the original one.
-        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (FlashAttention-4 where it serves the call exactly, else Triton on CUDA, the
+            listed blocks in PyTorch on the CPU), ``"fa4"`` (FlashAttention-4 or a ValueError saying why
+            not), ``"triton"`` or ``"reference"``.
         need_lse: False when the caller uses only ``out``: a dense fallback then runs SDPA and ``lse`` is
             None (the kernel path returns it anyway, at no cost).
 
     Returns:
-        :class:`AttentionResult` ``(out [B, H, Sq, D], lse [B, H, Sq] float32, fallback)``. ``lse`` is the
+        :class:`AttentionResult` ``(out [B, H, Sq, D], lse [B, H, Sq] float32, fallback, backend)``. ``lse`` is the
         natural-log log-sum-exp of each row's scaled scores (``-inf``, with ``out`` 0, for a row that reads
         no key), so results over disjoint key sets merge exactly. ``fallback``: why exact dense attention
-        ran instead of the kernel (the block lists are then ignored), else ``None``; nothing is counted.
+        ran instead of the kernel (the block lists are then ignored), else ``None``; ``backend``: what served
+        the call (also counted per process in :func:`backend_stats`).
     """
     _check_backend(backend)
     _check_tensors(q, k, v, square=False)
@@ -359,7 +406,7 @@ def sparse_attention(
             that order) and the output comes back in the original order.
         return_lse: also return the natural-log log-sum-exp ``[B, H, S]`` (float32; ``-inf`` for rows
             that read no key).
-        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"``, ``"fa4"``, ``"triton"`` or ``"reference"`` (see :func:`run_attention`).
 
     Returns:
         ``out`` with q's shape, dtype and strides, or ``(out, lse)``. A dense fallback is warned about once
@@ -394,23 +441,68 @@ def _attend(q, k, v, lists: BlockLists, scale, quant, perm, backend, need_lse) -
         _warn_once(note, f"fastattn: {note}", 3)
         quant = served
 
-    use_triton = False
+    if backend == "fa4":
+        reason = _fa4.call_reason(q, k, v, quant, perm, lists.geometry) or _fa4_grid_reason(q, lists)
+        if reason is not None:
+            raise ValueError(f"backend='fa4' cannot serve this call: {reason}")
+        try:
+            return _served_by(_run(q, k, v, lists, "fa4", None, scale, quant))
+        except Exception as e:
+            raise RuntimeError(f"backend='fa4': FlashAttention-4 failed: {type(e).__name__}: {e}") from e
+    skipped = None  # why backend="auto" left a CUDA call off FA4 (CPU calls are never FA4's: not counted)
+    if backend == "auto":
+        skipped = _fa4_skip_reason(q, k, v, quant, perm, lists)
+        if skipped is None:
+            try:
+                return _served_by(_run(q, k, v, lists, "fa4", None, scale, quant))
+            except Exception as e:  # a JIT or launch failure: Triton serves this and every call like it
+                if torch.compiler.is_compiling():
+                    raise
+                skipped = _fa4.record_failure(q, e)
+                _warn_once(skipped, f"fastattn: {skipped}; backend='auto' serves such calls with Triton", 3)
+
+    kernel = "torch"  # the PyTorch path: listed blocks on the CPU, the exact reference on a GPU
     if backend != "reference":
         from .triton_attention import interpreting
 
         if backend == "triton" and not (q.is_cuda or interpreting()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-        use_triton = q.is_cuda or backend == "triton"
-        reason = _triton_reason(q, quant) if use_triton else None
+        if q.is_cuda or backend == "triton":
+            kernel = "triton"
+        reason = _triton_reason(q, quant) if kernel == "triton" else None
         if reason is not None:
-            return AttentionResult(*_dense_fallback(q, k, v, scale, need_lse), reason)
-        if use_triton and lists.geometry.block_size != 128 and q.is_cuda and not interpreting():
+            res = AttentionResult(*_dense_fallback(q, k, v, scale, need_lse), reason, "dense")
+            return _served_by(res, skipped)
+        if kernel == "triton" and lists.geometry.block_size != 128 and q.is_cuda and not interpreting():
             raise ValueError(f"the GPU kernel takes block_size 128 masks, got {lists.geometry.block_size}")
-    counts, indices, geom = lists  # on q's device
     perm_t = None if perm is None else _perm_on(perm, q.device)
-    args = (perm_t, scale, geom.block_size, geom.q_split, geom.kv_split, quant, use_triton)
+    return _served_by(_run(q, k, v, lists, kernel, perm_t, scale, quant), skipped)
+
+
+def _run(q, k, v, lists: BlockLists, kernel: str, perm_t, scale: float, quant: str) -> AttentionResult:
+    counts, indices, geom = lists  # on q's device
+    args = (perm_t, scale, geom.block_size, geom.q_split, geom.kv_split, quant, kernel)
     out, lse = _sparse_attention_op(q, k, v, counts, indices, *args)
-    return AttentionResult(out, lse, None)
+    served = kernel if kernel != "torch" else ("cpu" if q.device.type == "cpu" else "reference")
+    return AttentionResult(out, lse, None, served)
+
+
+def _fa4_grid_reason(q, lists: BlockLists) -> str | None:
+    """Why FA4's block grid on q's GPU cannot hold these lists (converted here, once per lists: the op's
+    own conversion then finds them remembered)."""
+    try:
+        _fa4.fa4_blocks(lists, _fa4.q_group_for(q))
+    except _fa4.NotExpressible as e:
+        return str(e)
+    return None
+
+
+def _fa4_skip_reason(q, k, v, quant, perm, lists: BlockLists) -> str | None:
+    """Why backend="auto" leaves this CUDA call off FA4 (None: FA4 serves it)."""
+    if os.environ.get("FASTATTN_FA4", "1") == "0":
+        return "FASTATTN_FA4=0"
+    reason = _fa4.call_reason(q, k, v, quant, perm, lists.geometry) or _fa4.failure(q)
+    return reason if reason is not None else _fa4_grid_reason(q, lists)
 
 
 def _dense_fallback(q, k, v, scale, need_lse):
