@@ -266,8 +266,10 @@ def calibrate(
         error_budget: mean relative squared error of a layer's attention output (over steps and layers)
             the plan may make: the fastest plan by the cost model within it. Give either or both.
         methods: candidate families (``"paro"``, ``"sparse_vdit"``, ``"ditfastattn"``, ``"structural"``) or
-            method names (``"window3d"``, ``"band"``, ``"multi_diagonal"``, ``"stripes"``, ``"skip"``,
-            ``"arrow"``, ``"reuse"``, ``"radial"``); dense is always a candidate.
+            method names (``"window3d"``, ``"window3d_reordered"``, ``"blockmap"`` (PARO's per-head block
+            maps, thresholded from the observed attention; part of ``"paro"``), ``"band"``,
+            ``"multi_diagonal"``, ``"stripes"``, ``"skip"``, ``"arrow"``, ``"reuse"``, ``"radial"``); dense is
+            always a candidate.
         steps: denoising steps of each observed run (default: the testbed's 16 / the pipeline's default).
         seed: seed of the runs (prompt ``i`` uses ``seed + i``) and of the sampled query rows; the same seed
             gives the same plan.
