@@ -12,6 +12,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import calibrate as cal
 from . import fast_attention as fa
 from . import fast_cache as fc
+from . import multigpu as mg
 from . import text_encoder_cache as tec
 from .prompt_enhancer import KV_BITS, check_kv_bits, enhance_prompt
 
@@ -479,8 +480,67 @@ def _default_instruction() -> str:
     return DEFAULT_INSTRUCTION
 
 
+class FastAttentionMultiGPU(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnMultiGPU",
+            display_name="Fast Attention Multi-GPU",
+            category=CATEGORY,
+            description="Runs the model's forwards on several GPUs (on a copy of the model): ComfyUI's GPU and one "
+            "worker process per extra GPU split every transformer block's tokens (sequence parallelism: Ulysses "
+            "and/or ring attention, sparse work balanced across GPUs). The ordinary KSampler drives it; combine "
+            "with a Fast Attention node (either order) to run its plan on every GPU.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="A Flux or Wan 2.1/2.2 diffusion model (or a Fast Attention node's MODEL).",
+                ),
+                io.String.Input(
+                    "devices",
+                    default="all",
+                    tooltip="GPUs to use: 'all', or indices like '0,1' (ComfyUI's own GPU must be one of them); "
+                    "'cpu,cpu' runs CPU ranks (ComfyUI started with --cpu).",
+                ),
+                io.Combo.Input(
+                    "ulysses",
+                    options=list(mg.DEGREES),
+                    default="auto",
+                    tooltip="Ulysses degree (GPUs that exchange heads by all-to-all); auto: the largest that "
+                    "divides the GPU count and the model's heads.",
+                ),
+                io.Combo.Input(
+                    "ring",
+                    options=list(mg.DEGREES),
+                    default="auto",
+                    tooltip="Ring degree (GPUs that pass key/value chunks around); ulysses x ring must equal the "
+                    "number of GPUs.",
+                ),
+                io.Boolean.Input(
+                    "balance",
+                    default=True,
+                    tooltip="Balance sparse attention work across GPUs (db-SP: heads and blocks assigned by the "
+                    "plan's work); off: contiguous split.",
+                ),
+                io.Float.Input(
+                    "timeout_s",
+                    default=300.0,
+                    min=5.0,
+                    max=3600.0,
+                    step=5.0,
+                    tooltip="Seconds a GPU may wait for another before the run stops with an error.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The model, run on several GPUs.")],
+        )
+
+    @classmethod
+    def execute(cls, model, devices, ulysses, ring, balance, timeout_s) -> io.NodeOutput:
+        return io.NodeOutput(mg.apply_multigpu(model, devices, ulysses, ring, balance, timeout_s))
+
+
 NODES = [FastAttention, FastAttentionCache, FastAttentionPlan, FastAttentionReport, PromptEnhancer, TextEncoderCache,
-         FastAttentionCalibrate, SavePlan]
+         FastAttentionCalibrate, SavePlan, FastAttentionMultiGPU]
 
 
 class FastAttnExtension(ComfyExtension):

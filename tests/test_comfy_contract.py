@@ -660,7 +660,8 @@ def test_contract_v3_nodes_are_thin_and_declare_tooltips(monkeypatch, book):
     nodes = asyncio.run(ext.get_node_list())
     schemas = {n.define_schema().kwargs["node_id"]: n for n in nodes}
     assert set(schemas) == {"FastAttnApply", "FastAttnCache", "FastAttnPlan", "FastAttnReport", "FastAttnPromptEnhancer",
-                            "FastAttnTextEncoderCache", "FastAttnCalibrate", "FastAttnSavePlan"}  # fmt: skip
+                            "FastAttnTextEncoderCache", "FastAttnCalibrate", "FastAttnSavePlan",
+                            "FastAttnMultiGPU"}  # fmt: skip
     for node in nodes:
         s = node.define_schema().kwargs
         assert s["category"] == "fastattn" and s["display_name"]
