@@ -5,9 +5,9 @@
 #
 # Why parts: a device call carries the working tree plus `carry`, 64 MiB in all. This checkout's tree is
 # ~41 MiB (the testbed weights are 38 MiB), and the wheel set is ~264 MB unpacked (the CUTLASS DSL compiler,
-# _cutlass_ir.cu13...so, alone is 193 MB) and ~60 MB as xz. So each part holds what is left of the budget
-# (printed below, with the part count), and the parts go in consecutive calls on ONE warm machine (it is
-# given back 30 s after a call ends: send the next call at once). The wheels' own .pth is not read from a
+# _cutlass_ir.cu13...so, alone is 193 MB) and 62 MiB as xz: 3 parts of 21 MiB here. Each part holds what is
+# left of the budget (printed below, with the part count), and the parts go in consecutive calls on ONE warm
+# machine (it is given back 30 s after a call ends: send the next call at once). The wheels' own .pth is not read from a
 # folder on PYTHONPATH, so nvidia_cutlass_dsl/dsl_packages goes on PYTHONPATH by hand.
 #
 # Device commands, for N parts (the script prints them with N filled in):
@@ -19,8 +19,10 @@
 #     mkdir -p /tmp/site /tmp/pkg && cat /tmp/fa4/fa4.tar.xz.* | xz -d | tar -x -C /tmp/site &&
 #     ln -sfn "$PWD" /tmp/pkg/fastattn &&
 #     export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/pkg PYTHONUNBUFFERED=1 &&
-#     python3 -c "import flash_attn.cute, cutlass; print('fa4 ok')" &&
+#     cd /tmp && python3 -c "import flash_attn.cute, cutlass; print('fa4 ok')" &&
 #     python3 -m fastattn.bench.fa4_check --out $OUT/fa4-check-h200.json 2>&1 | tee $OUT/fa4-check.log
+# (run from /tmp: the repository root's own folders, bench/ parallel/ caching/ ..., would shadow top-level
+# modules of the same names)
 #
 # Usage: bench/prepare_fa4_wheels.sh            (downloads into .whl/fa4-src, writes .whl/fa4/part-*)
 #        FA4_PART_MIB=20 bench/prepare_fa4_wheels.sh   (force the part size)
@@ -112,5 +114,5 @@ for k in $(seq 1 $((n - 1))); do
 done
 cat <<EOF
   call $n, carry [".whl/fa4/part-$n"], timeout_s 600:
-    mkdir -p /tmp/fa4 && cp .whl/fa4/part-$n/* /tmp/fa4/ && (cd /tmp/fa4 && sha256sum -c --quiet SHA256SUMS) || { echo "parts missing: the machine was not kept warm; start again from part 1"; exit 1; }; mkdir -p /tmp/site /tmp/pkg && cat /tmp/fa4/fa4.tar.xz.* | xz -d | tar -x -C /tmp/site && ln -sfn "\$PWD" /tmp/pkg/fastattn && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/pkg PYTHONUNBUFFERED=1 && python3 -c "import flash_attn.cute, cutlass; print('fa4 ok')" && python3 -m fastattn.bench.fa4_check --out \$OUT/fa4-check-h200.json 2>&1 | tee \$OUT/fa4-check.log
+    mkdir -p /tmp/fa4 && cp .whl/fa4/part-$n/* /tmp/fa4/ && (cd /tmp/fa4 && sha256sum -c --quiet SHA256SUMS) || { echo "parts missing: the machine was not kept warm; start again from part 1"; exit 1; }; mkdir -p /tmp/site /tmp/pkg && cat /tmp/fa4/fa4.tar.xz.* | xz -d | tar -x -C /tmp/site && ln -sfn "\$PWD" /tmp/pkg/fastattn && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:/tmp/pkg PYTHONUNBUFFERED=1 && cd /tmp && python3 -c "import flash_attn.cute, cutlass; print('fa4 ok')" && python3 -m fastattn.bench.fa4_check --out \$OUT/fa4-check-h200.json 2>&1 | tee \$OUT/fa4-check.log
 EOF
