@@ -346,8 +346,8 @@ def run_attention(
 
     Returns:
         :class:`AttentionResult` ``(out [B, H, Sq, D], lse [B, H, Sq] float32, fallback)`` and ``.backend``.
-        ``lse`` is the natural-log log-sum-exp of each row's scaled scores (``-inf``, with ``out`` 0, for a row that reads
-        no key), so results over disjoint key sets merge exactly. ``fallback``: why exact dense attention
+        ``lse`` is the natural-log log-sum-exp of each row's scaled scores (``-inf``, with ``out`` 0, for a row
+        that reads no key), so results over disjoint key sets merge exactly. ``fallback``: why exact dense attention
         ran instead of the kernel (the block lists are then ignored), else ``None``; ``backend``: what served
         the call (also counted per process in :func:`backend_stats`).
     """
