@@ -20,6 +20,7 @@ Written from the contract's description (``shared/reference/comfyui.md``), not f
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +258,8 @@ class WanModel(nn.Module):
         self.time_projection = nn.Linear(16, 6 * dim)
         self.blocks = nn.ModuleList(WanBlock(dim, heads) for _ in range(layers))
         self.head = nn.Linear(dim, channels * 4)
+        self.home_pid = os.getpid()
+        self.fail_elsewhere = False  # tests: raise in any other process (a worker) than the one that built it
 
     def forward(
         self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None, **kwargs
@@ -267,6 +270,8 @@ class WanModel(nn.Module):
 
     def _forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options=None,
                  **kwargs):  # fmt: skip
+        if self.fail_elsewhere and os.getpid() != self.home_pid:
+            raise RuntimeError("out of memory (a failure on this worker only)")
         b, c, f, h, w = x.shape
         tokens = x.reshape(b, c, f, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, -1, c * 4)
         x = self.patch_embedding(tokens)

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers import multigpu_fakes by name
 
 import multigpu_fakes as mf  # noqa: E402
+from fastattn.caching.config import CacheConfig  # noqa: E402
 from fastattn.nodes import fast_attention as fa  # noqa: E402
 from fastattn.nodes import multigpu as mg  # noqa: E402
 from fastattn.nodes.fast_attention import NodeError  # noqa: E402
@@ -185,6 +186,50 @@ def test_a_killed_worker_ends_the_run_with_a_clear_error_and_the_next_run_starts
     assert not current_cluster().alive()
     out = mf.sample(patched, x, ctx)  # new workers
     assert mf.max_rel(out, ref) < TOL and _worker_pid() != pid
+
+
+def test_a_worker_that_raises_ends_the_run_with_its_message(keep):
+    patcher = mf.wan(seed=9)
+    patcher.model.diffusion_model.fail_elsewhere = True
+    patched = parallel(keep, patcher)
+    start = time.monotonic()
+    with pytest.raises(MultiGPUError, match=r"worker rank 1 \(cpu, pid \d+\) raised RuntimeError: out of memory "
+                                            r"\(a failure on this worker only\)"):  # fmt: skip
+        mf.sample(patched, *mf.wan_inputs(), steps=2)
+    assert time.monotonic() - start < TIMEOUT / 2
+    assert find_multigpu(patched).report()["parallel_forwards"] == 1  # the first forward stopped the run
+
+
+def test_what_the_workers_cannot_run_stays_on_the_comfyui_process(keep):
+    """Another node's block replacement, ``patches``, or Fast Attention's block caching: one process, counted."""
+    x, ctx = mf.wan_inputs()
+    patcher = mf.wan(seed=4)
+    ref = mf.sample(patcher, x, ctx)
+    other = patcher.clone()
+    calls = []
+
+    def theirs(args, extra):
+        calls.append(1)
+        return extra["original_block"](args)
+
+    other.model_options["transformer_options"]["patches_replace"] = {"dit": {("double_block", 0): theirs}}
+    patched = parallel(keep, other)
+    assert torch.equal(mf.sample(patched, x, ctx), ref) and len(calls) == 3
+    assert find_multigpu(patched).report()["single_forwards"] == {
+        "another node replaces ['double_block'] blocks (the workers cannot run it)": 3
+    }
+    patches = parallel(keep, patcher).clone()
+    patches.model_options["transformer_options"]["patches"] = {"post_input": [lambda d: d]}
+    assert torch.equal(mf.sample(patches, x, ctx), ref)
+    assert list(find_multigpu(patches).report()["single_forwards"]) == [
+        "transformer_options patches ['post_input'] (the workers cannot run them)"
+    ]
+    cache_plan = AttentionPlan(cache=CacheConfig(blocks="fixed"))
+    cached = fa.apply_fast_attention(parallel(keep, patcher), plan=fa.PlanChoice("cached", cache_plan))
+    mf.sample(cached, x, ctx)
+    assert find_multigpu(cached).report()["single_forwards"] == {
+        "Fast Attention's block caching does not run under Multi-GPU yet": 3
+    }
 
 
 def test_unloading_the_model_releases_the_workers_copy(keep):

@@ -165,6 +165,9 @@ class MultiGPUPatch:
         patches = {k: v for k, v in (to.get("patches") or {}).items() if v}
         if patches:
             return f"transformer_options patches {sorted(patches)} (the workers cannot run them)"
+        fa = _fastattn_patch(to)
+        if fa is not None and fa.plan is not None and fa.plan.cache.blocks != "off":
+            return "Fast Attention's block caching does not run under Multi-GPU yet"
         dit = (to.get(REPLACE) or {}).get(DIT) or {}
         foreign = sorted({str(k[0]) for k, e in dit.items() if not isinstance(e, ShardedBlock) or e.previous})
         if foreign:
@@ -213,8 +216,6 @@ class MultiGPUPatch:
         fwd = fa.current_forward() if fa is not None and fa.runtime is not None else None
         if fwd is not None:
             plan = fa.plan
-            if plan.cache.blocks != "off":
-                return "Fast Attention's block caching does not run under Multi-GPU yet"
             if fwd.layout is None:
                 return f"token layout unknown: {fwd.layout_reason}"
             if fwd.window_reason is not None or fwd.layout_reason is not None:
