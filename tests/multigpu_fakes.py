@@ -302,13 +302,15 @@ class BaseModel:
         self.current_weight_patches_uuid = None
         self.model_lowvram = False
 
-    def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **kwargs):
+    def apply_model(self, x, t, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         wrappers = wrappers_of(transformer_options, "apply_model")
         return Executor(self._apply_model, self, wrappers).execute(
-            x, t, None, c_crossattn, None, transformer_options, **kwargs
+            x, t, None, c_crossattn, control, transformer_options, **kwargs
         )
 
     def _apply_model(self, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if control is not None:
+            kwargs["control"] = control
         return self.diffusion_model(x, t, c_crossattn, transformer_options=transformer_options, **kwargs)
 
 

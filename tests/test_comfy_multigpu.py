@@ -119,6 +119,23 @@ def test_two_cpu_ranks_sample_what_one_process_samples(keep, family, degrees):
     assert mesh.world_size == 2 and current_cluster().procs[0].poll() is None
 
 
+def test_masks_and_controlnet_inputs_reach_every_rank(keep):
+    """An attention mask over the whole sequence and ControlNet-like per-token additions between blocks."""
+    patcher = mf.flux(seed=3)
+    x, ctx = mf.flux_inputs()
+    mask = torch.ones(2, 1, 1, 6 + 16, dtype=torch.bool)
+    mask[..., 4:6] = False  # the last two text tokens are padding
+    g = torch.Generator().manual_seed(8)
+    control = {
+        "input": [torch.randn(2, 16, 32, generator=g) * 0.1, torch.randn(2, 16, 32, generator=g) * 0.1]
+    }
+    ref = mf.sample(patcher, x, ctx, attention_mask=mask, control=control)
+    assert mf.max_rel(ref, mf.sample(patcher, x, ctx)) > 1e-3  # both inputs change the result
+    patched = parallel(keep, patcher)
+    out = mf.sample(patched, x, ctx, attention_mask=mask, control=control)
+    assert mf.max_rel(out, ref) < TOL and find_multigpu(patched).report()["parallel_forwards"] == 3
+
+
 def test_fast_attention_plan_runs_on_every_rank(keep):
     """Fast Attention (a sparse plan) then Multi-GPU equals Fast Attention alone; and in the other order."""
     plan = fa.PlanChoice("test", AttentionPlan(Window3DConfig(window=(0, 1, 1)), block_size=8))
