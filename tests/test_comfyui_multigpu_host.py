@@ -71,9 +71,14 @@ def server(host):
         srv.stop()
 
 
+SPARSE = {"preset": "custom", "method": "window3d", "density": 0.3, "quant": "none", "start_percent": 0.0,
+          "end_percent": 1.0, "dense_blocks": ""}  # fmt: skip
+
+
 def graph(family: str, devices: str | None = None, *, seed: int = 1, steps: int | None = None,
-          latent: dict | None = None, prefix: str = "latents/mg") -> dict:  # fmt: skip
-    """UNETLoader [-> Fast Attention Multi-GPU "mg"] -> KSampler -> SaveLatent, random CLIP-L conditioning."""
+          latent: dict | None = None, prefix: str = "latents/mg", fast: dict | None = None) -> dict:  # fmt: skip
+    """UNETLoader [-> Fast Attention "fa" with ``fast``] [-> Fast Attention Multi-GPU "mg"] -> KSampler ->
+    SaveLatent, random CLIP-L conditioning."""
     node, inputs = LATENTS[family]
     nodes = {
         "1": {"class_type": "UNETLoader",
@@ -84,8 +89,11 @@ def graph(family: str, devices: str | None = None, *, seed: int = 1, steps: int 
         "5": {"class_type": node, "inputs": dict(inputs, **(latent or {}))},
     }  # fmt: skip
     model = ["1", 0]
+    if fast is not None:
+        nodes["fa"] = {"class_type": "FastAttnApply", "inputs": dict(fast, model=model)}
+        model = ["fa", 0]
     if devices is not None:
-        nodes["mg"] = {"class_type": NODE, "inputs": {"model": ["1", 0], "devices": devices, "ulysses": "auto",
+        nodes["mg"] = {"class_type": NODE, "inputs": {"model": model, "devices": devices, "ulysses": "auto",
                                                       "ring": "auto", "balance": True, "timeout_s": 120.0}}  # fmt: skip
         model = ["mg", 0]
     nodes["6"] = {"class_type": "KSampler",
@@ -170,6 +178,19 @@ def test_two_cpu_ranks_sample_what_comfyui_samples_alone(server, family):
     steps = STEPS[family]
     assert f"{steps} forwards on 2 ranks; on the ComfyUI process alone: none" in new, new[-3000:]
     assert workers(server), "no worker process is running between runs"
+
+
+def test_a_fast_attention_plan_runs_on_both_ranks(server):
+    """Fast Attention (a sparse window3d plan) then Multi-GPU samples what Fast Attention alone samples."""
+    kw = {"latent": {"width": 256, "height": 256, "length": 17}, "steps": 3}  # 5 x 16 x 16 = 1280 tokens
+    dense = sample(server, graph("wan", prefix="latents/fa_dense", **kw))
+    alone = sample(server, graph("wan", fast=SPARSE, prefix="latents/fa_alone", **kw))
+    changed = max_rel(alone, dense)
+    before = log(server)
+    both = sample(server, graph("wan", "cpu,cpu", fast=SPARSE, prefix="latents/fa_mg", **kw))
+    # the plan changes the tiny model's latent a little (random weights); two ranks must be far closer to it
+    assert changed > 1e-4 and max_rel(both, alone) < changed / 50, (max_rel(both, alone), changed)
+    assert "3 forwards on 2 ranks; on the ComfyUI process alone: none" in log(server)[len(before) :]
 
 
 def test_a_device_list_the_machine_cannot_serve_is_refused(server):
