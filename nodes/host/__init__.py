@@ -9,7 +9,11 @@ description (``tests/test_comfy_contract.py``). One module per concern:
 - ``schedule``: step and step count from the sigma schedule (shared across samplers), CFG branch;
 - ``patch``: per-run state, the forward bracket's body, one call's decision (runtime or host, counted);
 - ``install``: the override object, the ``APPLY_MODEL`` wrapper and callbacks on a clone, finding them again;
-- ``report`` / ``timing``: what ran, for the Report node.
+- ``report`` / ``timing``: what ran, for the Report node;
+- ``multigpu*``: the Multi-GPU node's side: the ``DIFFUSION_MODEL`` wrapper and per-forward decisions
+  (``multigpu``), token shards through the blocks (``multigpu_shard``), one rank's state (``multigpu_rank``), the
+  worker processes and process group (``multigpu_cluster``, ``multigpu_worker``), sending objects with tensors
+  (``multigpu_transport``).
 """
 
 from .calls import HostCall

@@ -270,6 +270,7 @@ class DiffusionWrapper:
     def __deepcopy__(self, memo):
         return self
 
+    @torch.compiler.disable  # processes, pipes and collectives: under TorchCompileModel the forward runs eagerly
     def __call__(self, executor, *args, **kwargs):
         return self.patch.forward(executor, args, kwargs)
 
