@@ -99,6 +99,10 @@ class AttentionResult(_Result):
 
 
 BACKENDS = ("auto", "triton", "fa4", "reference")
+# backend="auto" sends a call to FA4 only from this many query-key pairs (B*H*Sq*Skv) up: below it FA4's host
+# overhead per call outweighs its faster tiles (bench/results/fa4-check-h200.json: slower than Triton at
+# 4 heads x 1,664 tokens, faster at FLUX 2048^2 and Wan 480p sizes).
+FA4_MIN_WORK = 1e9
 # per process: calls by the backend that served them, and why backend="auto" left CUDA calls off FA4
 _served: Counter = Counter()
 _fa4_skipped: Counter = Counter()
@@ -501,6 +505,9 @@ def _fa4_skip_reason(q, k, v, quant, perm, lists: BlockLists) -> str | None:
     """Why backend="auto" leaves this CUDA call off FA4 (None: FA4 serves it)."""
     if os.environ.get("FASTATTN_FA4", "1") == "0":
         return "FASTATTN_FA4=0"
+    b, h, sq, _ = q.shape
+    if b * h * sq * k.shape[2] < FA4_MIN_WORK:
+        return f"call below FA4's size threshold ({FA4_MIN_WORK:.0e} query-key pairs): Triton is faster there"
     reason = _fa4.call_reason(q, k, v, quant, perm, lists.geometry) or _fa4.failure(q)
     return reason if reason is not None else _fa4_grid_reason(q, lists)
 

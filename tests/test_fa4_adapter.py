@@ -279,6 +279,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(fa4, "call_reason", call_reason)
     monkeypatch.setattr(fa4, "q_group_for", lambda q: 1)
     monkeypatch.setattr(fa4, "_api", lambda: (emulated_fa4(calls), FakeBlockSparse))
+    monkeypatch.setattr(ops, "FA4_MIN_WORK", 0)  # these calls are tiny; the size threshold has its own test
     return calls
 
 
@@ -353,6 +354,18 @@ def test_fa4_failure_falls_back_once_and_forced_fa4_raises(emulated, monkeypatch
     assert run_attention(q, k, v, *lists).backend == "cpu" and len(tries) == 1  # not tried again
     with pytest.raises(RuntimeError, match="backend='fa4': FlashAttention-4 failed: RuntimeError: boom"):
         run_attention(q, k, v, *lists, backend="fa4")
+
+
+def test_auto_keeps_small_calls_off_fa4(emulated, monkeypatch):
+    """Below the measured size threshold FA4's host overhead loses to Triton: auto keeps those calls, says why."""
+    monkeypatch.setattr(ops, "FA4_MIN_WORK", 2 * 3 * 300 * 300 + 1)  # qkv(): B=2, H=3
+    q, k, v = qkv(300, 300)
+    lists = random_lists(KernelGeometry(300, 300, 128))
+    assert run_attention(q, k, v, *lists).backend == "cpu" and not emulated
+    assert "size threshold" in ops._fa4_skip_reason(q, k, v, "none", None, lists)
+    assert run_attention(q, k, v, *lists, backend="fa4").backend == "fa4"  # forcing still works
+    monkeypatch.setattr(ops, "FA4_MIN_WORK", 2 * 3 * 300 * 300)
+    assert run_attention(q, k, v, *lists).backend == "fa4"
 
 
 def test_env_switch_keeps_auto_off_fa4(emulated, monkeypatch):
