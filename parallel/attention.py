@@ -312,8 +312,8 @@ class SequenceParallel:
             self.ring_balance[layout] = "nothing to balance: no static block mask (dense or dynamic plan)"
             return None
         ring = self.mesh.ring
-        owner = balance.assign_blocks_ring(load, ring)
-        try:
+        try:  # fewer blocks than ring ranks, or blocks that cannot give every rank the same token count
+            owner = balance.assign_blocks_ring(load, ring)
             rows = balance.rank_positions(geometry, owner, self.mesh.ulysses, ring)
         except ValueError as e:
             self.ring_balance[layout] = f"contiguous shards kept: {e}"
