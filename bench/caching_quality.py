@@ -330,7 +330,7 @@ def _our_stats(handle) -> dict:
     cache = st.get("cache") or {}
     blocks = cache.get("blocks") or {}
     out = {"density": st["density"], "attention_calls": st["calls"], "reused_calls": st["reused_calls"],
-           "fallbacks": st["fallbacks"]}  # fmt: skip
+           "planned_dense": st["planned_dense"], "fallbacks": st["fallbacks"]}  # fmt: skip
     if blocks:
         out.update(blocks_skipped=blocks["blocks_skipped"], skipping_forwards=blocks["skipping_forwards"],
                    block_recomputes=blocks["recomputes"],
