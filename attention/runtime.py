@@ -151,6 +151,7 @@ class AttentionRuntime:
         self._head_work: OrderedDict = OrderedDict()
         # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
+        self.residual_steps: dict[tuple[int, int], int] = {}  # (layer, CFG pass) -> step of its last capture
         self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
         # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask).
         self.selections: dict[tuple[int, int], tuple] = {}
@@ -213,7 +214,7 @@ class AttentionRuntime:
     def _end_of_run(self, branch: int) -> None:
         """The last step of a run is done for this CFG pass: free what it kept for later steps (the other
         pass of the same step still needs its own entries)."""
-        for cache in (self.residuals, self.selections, self.head_outputs):
+        for cache in (self.residuals, self.residual_steps, self.selections, self.head_outputs):
             for slot in [s for s in cache if s[1] == branch]:
                 del cache[slot]
         self.cache.end_run(branch)
@@ -221,6 +222,7 @@ class AttentionRuntime:
     def reset_run(self) -> None:
         """A new denoising run: drop what the last one cached (residuals, selections, head outputs)."""
         self.residuals.clear()
+        self.residual_steps.clear()
         self.selections.clear()
         self.head_outputs.clear()
         self.cache.reset_run()
@@ -383,6 +385,10 @@ class AttentionRuntime:
         action = "capture" if capture_now else self.plan.residual_action(call.ctx.step, call.ctx.num_steps)
         if action == "apply" and (r is None or r.shape != query.shape[:3] + value.shape[-1:]):
             action = "capture"  # nothing (or a stale shape) to apply: this call runs exact
+        elif action == "apply" and self.plan.residual_refresh_missed(
+            self.residual_steps.get(slot), call.ctx.step, call.ctx.num_steps
+        ):
+            action = "capture"  # a refresh step passed without this layer's call (its block was skipped)
         if action == "capture":
             sparse = self._method(query, key, value, attn_mask, call, count=False)
             dense = self._dense(
@@ -396,6 +402,7 @@ class AttentionRuntime:
             # Over cache_budget_gb the residual is not kept: later calls capture (run exact) again.
             if self.cache.store.admit(residual.numel() * residual.element_size(), kind="residual"):
                 self.residuals[slot] = residual
+                self.residual_steps[slot] = call.ctx.step
             self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
             self.cache.store.note_peak()
             return dense

@@ -273,6 +273,17 @@ class AttentionPlan:
                 return "capture"
         return "apply"
 
+    def residual_refresh_missed(self, captured: int | None, step: int, num_steps: int | None) -> bool:
+        """True when a refresh step of the WA-RS schedule lies strictly between the step of a layer's last
+        capture and ``step``: that layer's call was skipped there (block caching), so it captures now instead
+        of applying a residual older than the schedule promises."""
+        if not (self.residual and self.residual_refresh) or captured is None:
+            return False
+        first = self.dense_steps_for(num_steps)
+        every = self.residual_refresh
+        nxt = first + every * max(1, (captured - first) // every + 1)  # the first refresh after the capture
+        return captured < nxt < step
+
     def check_model(self, num_layers: int, num_heads: int | None = None) -> None:
         """Refuse a plan that names layers or heads the model does not have (before anything is patched)."""
         bad = [i for i in self.dense_layers if not -num_layers <= i < num_layers]

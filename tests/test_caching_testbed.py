@@ -309,8 +309,6 @@ def test_caching_quality_bench_tiny(tmp_path):
         caching_quality.main(["--tiny", "--match-tol", "2"])
 
 
-@pytest.mark.xfail(strict=True, reason="the runtime refreshes WA-RS residuals on fixed steps only: a refresh step "
-                   "whose block is skipped is lost until the next one (README, caching quality on the testbed)")  # fmt: skip
 def test_a_skipped_wa_rs_refresh_is_captured_at_the_next_computed_step():
     torch.manual_seed(0)
     m = TestbedDiT(TestbedConfig.tiny()).eval()
