@@ -13,6 +13,7 @@ broadcast), plus the geometry that says which tokens each block index covers.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -177,3 +178,12 @@ def token_mask(lists: BlockLists) -> torch.Tensor:
         )
     bm = block_map(lists.counts, lists.indices, geom.kv_blocks)
     return bm[..., owners[0], :][..., owners[1]]
+
+
+@functools.lru_cache(maxsize=64)
+def dense_lists(geometry: KernelGeometry, device: torch.device) -> BlockLists:
+    """Every query block reads every key block (one row broadcast over batch and heads; cached per geometry)."""
+    nq, nk = geometry.q_blocks, geometry.kv_blocks
+    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    return BlockLists(counts, indices, geometry)

@@ -23,7 +23,6 @@ and permutation, whichever forward ran (straight-through for quantized modes); t
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -37,7 +36,7 @@ import torch
 from . import backward as _backward
 from . import fa4 as _fa4
 from . import quantize as Qz
-from .geometry import BlockLists, KernelGeometry, check_block_lists
+from .geometry import BlockLists, KernelGeometry, check_block_lists, dense_lists
 from .reference import attention_reference, reference_attention
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -237,15 +236,6 @@ def _perm_on(perm: torch.Tensor, device: torch.device) -> torch.Tensor:
     return copies[device]
 
 
-@functools.lru_cache(maxsize=64)
-def _dense_lists(geometry: KernelGeometry, device: torch.device) -> BlockLists:
-    """Every query block reads every key block."""
-    nq, nk = geometry.q_blocks, geometry.kv_blocks
-    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
-    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
-    return BlockLists(counts, indices, geometry)
-
-
 # ----------------------------------------------------------------------------- custom op
 
 
@@ -422,7 +412,7 @@ def sparse_attention(
     _check_flags(quant, return_lse=return_lse)
     b, h, s, _ = q.shape
     if block_mask is None:
-        lists = _dense_lists(KernelGeometry.square(s, 128), q.device)
+        lists = dense_lists(KernelGeometry.square(s, 128), q.device)
     else:
         _check_mask(block_mask, b, h, s, s)
         lists = block_mask.to(q.device).block_lists()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from fastattn.attn_kernels import ops, run_attention
-from fastattn.attn_kernels.geometry import BlockLists, KernelGeometry
+from fastattn.attn_kernels.geometry import BlockLists, KernelGeometry, dense_lists
 from fastattn.bench.kernel_speed import make_inputs
 from fastattn.masks import TokenLayout, patterns
 
@@ -232,13 +232,11 @@ def run_shape(run: Run, name: str, heads: int, d: int, layout: TokenLayout, dev:
         kind: make_inputs(kind, 1, heads, layout, d, torch.bfloat16, dev, seed=seed)
         for kind, seed in (("structured", 1), ("random", 0))
     }
-    dense_lists = ops._dense_lists(
-        KernelGeometry.square(layout.seq_len, 128, layout.split), torch.device(dev)
-    )
-    geom = dense_lists.geometry
+    every = dense_lists(KernelGeometry.square(layout.seq_len, 128, layout.split), torch.device(dev))
+    geom = every.geometry
     blocks = check_blocks(geom)
     dense_ref = {kind: sampled_reference(*qkv, None, geom, blocks, scale) for kind, qkv in kinds.items()}
-    masks: dict[str, BlockLists] = {"dense": dense_lists}
+    masks: dict[str, BlockLists] = {"dense": every}
     try:
         if layout.grid is not None:
             masks["window3d_0.2"] = patterns.window3d_for_density(layout, 0.2).to(dev).block_lists()

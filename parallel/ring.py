@@ -22,7 +22,6 @@ Dense calls without a mask run the same ring with every block listed.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attn_kernels import run_attention
-from ..attn_kernels.geometry import BlockLists, KernelGeometry, block_map
+from ..attn_kernels.geometry import BlockLists, KernelGeometry, block_map, dense_lists
 from ..masks.layout import BlockGeometry, TokenLayout
 from .comm import RingShift, all_gather, global_ranks
 
@@ -47,14 +46,6 @@ class _Chunks:
     num_blocks: int
     block_size: int
     layout_split: int
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_lists(geometry: KernelGeometry, device: torch.device) -> BlockLists:
-    nq, nk = geometry.q_blocks, geometry.kv_blocks
-    counts = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
-    indices = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
-    return BlockLists(counts, indices, geometry)
 
 
 def _lists_from_map(sub: torch.Tensor, geometry: KernelGeometry) -> BlockLists:
@@ -213,7 +204,7 @@ class RingAttention:
             return dense_fn(query, kf, vf, attn_mask, scale), "ring: attn_mask: K/V all-gathered, dense rows"
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         lists = [
-            _dense_lists(KernelGeometry(self.chunk_len, len(c), DENSE_BLOCK), q.device) for c in self.chunks
+            dense_lists(KernelGeometry(self.chunk_len, len(c), DENSE_BLOCK), q.device) for c in self.chunks
         ]
         out, _ = self._ring(q, k, v, lists, scale)  # a kernel "fallback" here is exact dense attention too
         return out.transpose(1, 2), None

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from fastattn.attn_kernels import KernelGeometry, attention_reference, cpu_sparse, fa4, ops, run_attention
-from fastattn.attn_kernels.geometry import BlockLists, token_mask
+from fastattn.attn_kernels.geometry import BlockLists, dense_lists, token_mask
 
 
 @pytest.fixture(autouse=True)
@@ -303,7 +303,7 @@ def test_emulated_fa4_serves_through_the_op(emulated, backend, bshd):
 def test_emulated_fa4_dense_lists_and_sm100_pairs(emulated, monkeypatch):
     q, k, v = qkv(600, 300)
     geom = KernelGeometry(600, 300, 128)
-    dense = run_attention(q, k, v, *ops._dense_lists(geom, q.device))
+    dense = run_attention(q, k, v, *dense_lists(geom, q.device))
     assert dense.backend == "fa4" and emulated[-1] is None  # dense lists: FA4's dense kernel, no lists
     torch.testing.assert_close(dense.out, attention_reference(q, k, v)[0], rtol=1e-5, atol=1e-5)
 
