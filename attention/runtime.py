@@ -48,9 +48,9 @@ def sdpa_dense(query, key, value, attn_mask=None, scale=None):
 
 
 def kernel_attention(q, k, v, mask, *, scale=None, quant="none", perm=None):
-    """The kernel layer's block-sparse attention: ``(out, fallback reason or None)``."""
+    """The kernel layer's block-sparse attention: ``(out, fallback reason or None, backend that served it)``."""
     result = kernel_ops.run_attention(q, k, v, mask, scale=scale, quant=quant, perm=perm, need_lse=False)
-    return result.out, result.fallback
+    return result.out, result.fallback, result.backend
 
 
 class MaskCache:
@@ -131,7 +131,8 @@ class AttentionRuntime:
         num_layers: self-attention calls per forward (resolves negative ``dense_layers``).
         dense_fn: exact dense attention ``(query, key, value, attn_mask, scale) -> out`` on ``[B, S, H, D]``
             (the host's own dense backend, so a dense plan reproduces the unpatched model bit for bit).
-        sparse_fn: the block-sparse kernel ``(q, k, v, mask, scale=, quant=, perm=) -> (out, fallback)``;
+        sparse_fn: the block-sparse kernel ``(q, k, v, mask, scale=, quant=, perm=) -> (out, fallback)`` or
+            ``(out, fallback, backend)`` (the backend that served the call is counted in ``stats()``);
             tests may swap in a masked-dense oracle.
     """
 
@@ -585,7 +586,10 @@ class AttentionRuntime:
             # The CPU reference's quantizer views q/k as contiguous; the GPU kernel takes any strides.
             q, k, v = (x.contiguous() for x in (q, k, v))
         if shard is None or shard.ring is None:
-            return self.sparse_fn(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+            out, fallback, *served = self.sparse_fn(q, k, v, mask, scale=scale, quant=quant, perm=perm)
+            if served:
+                self.stats.kernel_backends[served[0]] += 1
+            return out, fallback
         out, fallback, note = shard.ring.sparse(
             q, k, v, mask, scale=scale, quant=quant, perm=perm, kernel=self.sparse_fn
         )

@@ -29,6 +29,7 @@ class AttentionStats:
     notes: Counter = field(default_factory=Counter)  # what the runtime noticed (layer count mismatches...)
     # sequence parallelism: calls a rank served another way than its share of the plan (K/V all-gathered...)
     parallel_fallbacks: Counter = field(default_factory=Counter)
+    kernel_backends: Counter = field(default_factory=Counter)  # kernel calls by the backend that served them
 
     def add_dense(self, reason: str, work: float, planned: bool) -> None:
         self.calls += 1
@@ -92,4 +93,5 @@ class AttentionStats:
             "head_reuses": self.head_reuses,
             "notes": dict(self.notes),
             "parallel_fallbacks": dict(self.parallel_fallbacks),
+            "kernel_backends": dict(self.kernel_backends),
         }

@@ -184,7 +184,7 @@ class RingAttention:
         reason = ch if isinstance(ch, str) else ("reordered (PARO) heads" if perm is not None else None)
         if reason is not None:
             qf, kf, vf = (self.full(x, 2) for x in (q, k, v))
-            out, fallback = kernel(qf, kf, vf, mask, scale=scale, quant=quant, perm=perm)
+            out, fallback, *_ = kernel(qf, kf, vf, mask, scale=scale, quant=quant, perm=perm)
             return self.rows(out, 2), fallback, f"ring: {reason}: Q/K/V all-gathered, every row computed"
         peers, to_all = self._restricted(mask, ch, q.device)
         if quant != "none":

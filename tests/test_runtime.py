@@ -108,6 +108,8 @@ def test_structural_sparse_equals_masked_reference_and_cache(config):
         assert mask.block_density() >= 0.6
     torch.testing.assert_close(out, _masked_ref(q, k, v, mask.to_token_mask()[0]), rtol=1e-5, atol=1e-5)
     assert rt.stats.as_dict()["density"] == pytest.approx(mask.block_density())
+    # every kernel call says which backend served it (on the CPU: the listed-blocks PyTorch path)
+    assert rt.stats.as_dict()["kernel_backends"] == {"cpu": 2}
 
 
 def test_dynamic_top_p_floor_ceiling_and_exactness():

@@ -82,6 +82,8 @@ def format_report(r: dict | None) -> str:
                  f"{r['dense_calls']} dense")  # fmt: skip
     lines.append(f"dense by plan: {_counts(r['planned_dense'])}")
     lines.append(f"fallbacks to the host's attention: {_counts(r['fallbacks'])}")
+    if r.get("kernel_backends"):
+        lines.append(f"kernel calls by backend: {_counts(r['kernel_backends'])}")
     lines.append(f"other calls left to the host: {_counts(r['host_calls'])}")
     ms = {int(k): v for k, v in r["ms_per_step"].items()}
     if ms:
