@@ -66,8 +66,34 @@ def cases(tiny: bool):
     ]  # fmt: skip
 
 
-def our_cache(skip_fraction: float) -> dict:
-    return {"blocks": "fixed", "skip_fraction": skip_fraction, "first_steps": 0.1, "last_steps": 1}
+def our_cache(skip_fraction: float, order: int = 0) -> dict:
+    cache = {"blocks": "fixed", "skip_fraction": skip_fraction, "first_steps": 0.1, "last_steps": 1}
+    return {**cache, "order": order} if order else cache
+
+
+def testbed_schedule(spec: str) -> dict:
+    """``JSON:ROW`` of ``bench/caching_quality.py``: the fraction of the cache window's steps that row skipped on
+    the learned testbed (its last clip's schedule), and its cache order."""
+    from fastattn.caching import CacheConfig
+
+    path, _, label = spec.partition(":")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--skip-fraction-from: cannot read {path!r}: {e}") from None
+    row = next((r for r in data.get("rows", []) if r.get("config") == label), None)
+    if row is None or "last_clip_schedule" not in row:
+        known = [r.get("config") for r in data.get("rows", []) if "last_clip_schedule" in r]
+        raise SystemExit(
+            f"--skip-fraction-from: no row {label!r} with a block schedule in {path}; rows: {known}"
+        )
+    cfg = CacheConfig.from_value(row["enable"]["cache"])
+    steps = data["meta"]["steps"]
+    window = [s for s in range(steps) if cfg.in_window(s, steps)]
+    skipped = [s for s in row["last_clip_schedule"] if s in window]
+    return dict(file=Path(path).name, row=label, testbed_steps=steps, window_steps=len(window),
+                skipped_steps=skipped, skip_fraction=len(skipped) / len(window), order=cfg.order,
+                testbed_psnr=row.get("psnr"), testbed_compute_fraction=row.get("compute_fraction"))  # fmt: skip
 
 
 def peer_config(name: str, steps: int, clock: dict, distilled: bool):
@@ -180,6 +206,16 @@ def main(argv=None) -> int:
         "--skip-fraction", type=float, default=0.5, help="steps of the cache window that skip blocks"
     )
     ap.add_argument(
+        "--skip-fraction-from", default=None, metavar="JSON:ROW",
+        help="take the skip fraction from the schedule a row of bench/caching_quality.py's JSON skipped on the "
+             "learned testbed (e.g. 'caching-quality-nvidia_h200.json:fast+cache auto t=0.3 k=3 o1'); the cache "
+             "rows then also take that row's cache order",
+    )  # fmt: skip
+    ap.add_argument(
+        "--fraction", type=float, default=None,
+        help="time-box: run this fraction of every selected model's blocks (default: HunyuanVideo 0.3, others all)",
+    )  # fmt: skip
+    ap.add_argument(
         "--peers", default=",".join(PEERS), help="diffusers caches to time (comma separated; '' none)"
     )
     ap.add_argument(
@@ -193,6 +229,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"--peers: unknown cache {p!r}; known: {', '.join(PEERS)}")
     if not 0.0 <= args.skip_fraction < 1.0:
         raise SystemExit(f"--skip-fraction must be in [0, 1), got {args.skip_fraction}")
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise SystemExit(f"--fraction must be in (0, 1], got {args.fraction}")
+    source = testbed_schedule(args.skip_fraction_from) if args.skip_fraction_from else None
+    skip_fraction = source["skip_fraction"] if source else args.skip_fraction
+    order = source["order"] if source else 0
 
     import diffusers
     import fastattn.api as fa
@@ -207,7 +248,8 @@ def main(argv=None) -> int:
     out = args.out or str(Path(os.environ.get("OUT", "bench/results")) / f"caching-{gpu}.json")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(bench="caching", device=gpu, torch=torch.__version__, diffusers=diffusers.__version__,
-                preset=args.preset, skip_fraction=args.skip_fraction, note=NOTE)  # fmt: skip
+                preset=args.preset, skip_fraction=skip_fraction, order=order, schedule_source=source,
+                note=NOTE)  # fmt: skip
 
     def save():  # after every row: a run cut short keeps what it measured
         Path(out).write_text(json.dumps(dict(meta=meta, records=records), indent=1))
@@ -220,6 +262,7 @@ def main(argv=None) -> int:
             records.append(dict(model=name, resolution=resolution, skipped="time budget"))
             continue
         steps = args.steps or default_steps
+        fraction = args.fraction if args.fraction is not None else fraction
         run_cfg = e2e._scaled(cfg, fraction)
         model = e2e.build(kind, run_cfg, device, dtype)
         inputs = e2e.inputs_for(spec, model, device, dtype)
@@ -228,14 +271,37 @@ def main(argv=None) -> int:
         for backend in ("native", "_native_cudnn"):
             try:
                 model.set_attention_backend(backend)
+                generation(model, inputs, 1, clock)  # warm-up
                 ms = generation(model, inputs, 1, clock)
                 if best is None or ms < best_ms:
                     best, best_ms = backend, ms
             except Exception as e:  # cuDNN SDPA unavailable (CPU, old GPU)
                 print(f"  {name}: backend {backend} failed: {type(e).__name__}: {e}", file=sys.stderr)
         model.set_attention_backend(best)
-        cache = our_cache(args.skip_fraction)
-        rows = [("dense", lambda: (lambda: None, dict))]
+        dense_setup = lambda: (lambda: None, dict)  # noqa: E731
+        if not tiny:  # our op on full block lists: FlashAttention-4 dense where it is installed
+            full = dict(method="band", density=1.0, dense_steps=0)
+            try:
+                h = fa.enable(model, num_steps=1, **full)
+                generation(model, inputs, 1, clock)  # warm-up: FlashAttention-4 compiles per shape
+                ms = generation(model, inputs, 1, clock)
+                served = h.stats().get("kernel_backends") or {}
+                h.disable()
+                print(
+                    f"  {name}: dense through fastattn's op {ms:.1f} ms ({served}) vs {best} {best_ms:.1f} ms"
+                )
+                if "fa4" in served and ms < best_ms:
+                    best, best_ms = "fastattn op (FlashAttention-4, full block lists)", ms
+
+                    def dense_setup(model=model):
+                        h = fa.enable(model, num_steps=steps, **full)
+                        return h.disable, lambda: dict(kernel_backends=h.stats().get("kernel_backends"))
+            except Exception as e:
+                print(
+                    f"  {name}: dense through fastattn's op failed: {type(e).__name__}: {e}", file=sys.stderr
+                )
+        cache = our_cache(skip_fraction, order)
+        rows = [("dense", dense_setup)]
 
         def ours(model=model, **kw):
             def setup():
@@ -260,7 +326,8 @@ def main(argv=None) -> int:
                        layers=run_cfg.get("num_layers"), note=NOTE)  # fmt: skip
             if fraction < 1.0:
                 rec["time_boxed"] = (
-                    f"{fraction:.0%} of the blocks (HunyuanVideo); compare rows, not absolute time"
+                    f"{fraction:.0%} of the blocks ({run_cfg}); compare rows, not absolute time: with fewer "
+                    "blocks the probe block that always runs is a larger share, so block caching gains less"
                 )
             if label.endswith("cache"):
                 rec["cache"] = cache
@@ -295,7 +362,8 @@ def _our_stats(st: dict) -> dict:
     cache = st.get("cache") or {}
     blocks = cache.get("blocks") or {}
     return dict(density=st["density"], fallbacks=st["fallbacks"], blocks_skipped=blocks.get("blocks_skipped"),
-                block_work_skipped=blocks.get("block_work_skipped"),
+                block_work_skipped=blocks.get("block_work_skipped"), extrapolated=blocks.get("extrapolated"),
+                kernel_backends=st.get("kernel_backends"),
                 cache_peak_bytes=(cache.get("memory") or {}).get("peak_bytes"))  # fmt: skip
 
 

@@ -50,18 +50,20 @@ TARGETS = {"margin_db": 1.0, "fast_cache_psnr": 24.0, "fast_cache_speedup": 1.3}
 # ---------------------------------------------------------------------------------------------- the rows
 
 
-def fixed(skip_fraction: float, first_steps=0.1) -> dict:
-    return {"blocks": "fixed", "skip_fraction": skip_fraction, "first_steps": first_steps, "last_steps": 1}
+def fixed(skip_fraction: float, first_steps=0.1, order: int = 0) -> dict:
+    cache = {"blocks": "fixed", "skip_fraction": skip_fraction, "first_steps": first_steps, "last_steps": 1}
+    return {**cache, "order": order} if order else cache
 
 
-def auto(threshold: float, max_skips: int = 2) -> dict:
-    return {
+def auto(threshold: float, max_skips: int = 2, order: int = 0) -> dict:
+    cache = {
         "blocks": "auto",
         "threshold": threshold,
         "max_skips": max_skips,
         "first_steps": 0.1,
         "last_steps": 1,
     }
+    return {**cache, "order": order} if order else cache
 
 
 def ast(interval: int) -> dict:
@@ -71,27 +73,33 @@ def ast(interval: int) -> dict:
 def _cache_label(cache: dict) -> str:
     if cache.get("attn_share_interval"):
         return f"AST k={cache['attn_share_interval']}"
+    order = f" o{cache['order']}" if cache.get("order") else ""  # order 1: residual extrapolated from two
     if cache["blocks"] == "fixed":
         extra = f" first={cache['first_steps']:g}" if cache["first_steps"] != 0.1 else ""
-        return f"fixed s={cache['skip_fraction']:g}{extra}"
+        return f"fixed s={cache['skip_fraction']:g}{extra}{order}"
     if cache["blocks"] == "auto":
-        return f"auto t={cache['threshold']:g} k={cache['max_skips']}"
+        return f"auto t={cache['threshold']:g} k={cache['max_skips']}{order}"
     return f"delta i={cache.get('interval', 2)} span={cache.get('span', 0.5):g}"
 
 
 def our_rows(tiny: bool) -> list[dict]:
     """``{"label", "kind": "ours", "sparse", "enable"}``, by priority (a run cut by the time budget keeps the first)."""
     if tiny:
-        presets = {"fast": [fixed(0.5)]}
+        presets = {"fast": [fixed(0.5), fixed(0.5, order=1)]}
         alone = [fixed(0.5)]
     else:
         presets = {
             "fast": [fixed(0.25), fixed(0.4), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3),
-                     {"blocks": "delta", "interval": 2, "span": 0.5, "first_steps": 0.1, "last_steps": 1}, ast(2)],
-            "safe": [fixed(0.4), fixed(0.5), fixed(0.6), fixed(0.5, 0.2), ast(2)],
-            "balanced": [fixed(0.4), fixed(0.5), fixed(0.6)],
+                     {"blocks": "delta", "interval": 2, "span": 0.5, "first_steps": 0.1, "last_steps": 1}, ast(2),
+                     fixed(0.5, order=1), fixed(0.6, order=1), fixed(0.7, order=1), auto(0.3, 3, order=1),
+                     auto(0.5, 4, order=1)],
+            "safe": [fixed(0.4), fixed(0.5), fixed(0.6), fixed(0.5, 0.2), ast(2), fixed(0.5, order=1),
+                     fixed(0.5, 0.2, order=1), fixed(0.6, order=1), fixed(0.7, order=1), fixed(0.8, order=1)],
+            "balanced": [fixed(0.4), fixed(0.5), fixed(0.6), fixed(0.5, order=1), fixed(0.6, order=1),
+                         fixed(0.7, order=1), fixed(0.8, order=1)],
         }  # fmt: skip
-        alone = [fixed(0.25), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3)]
+        alone = [fixed(0.25), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3), fixed(0.6, order=1),
+                 fixed(0.7, order=1)]  # fmt: skip
     rows = []
     for preset, caches in presets.items():
         rows.append(

@@ -39,6 +39,7 @@ class BlockStats:
     skipping_forwards: int = 0  # forwards that skipped at least one block
     blocks_run: int = 0
     blocks_skipped: int = 0
+    extrapolated: int = 0  # skipped ranges whose residual was extrapolated from the last two (order=1)
     recomputes: Counter = field(default_factory=Counter)  # wanted to skip, ran the blocks: why
     schedule: list = field(default_factory=list)  # (step, branch, blocks skipped) of the current run
 
@@ -50,6 +51,7 @@ class BlockStats:
             "blocks_run": self.blocks_run,
             "blocks_skipped": self.blocks_skipped,
             "block_work_skipped": self.blocks_skipped / total if total else 0.0,
+            "extrapolated": self.extrapolated,
             "recomputes": dict(self.recomputes),
             "schedule": [list(s) for s in self.schedule],
         }
@@ -241,11 +243,27 @@ class BlockForward:
 
     @torch.compiler.disable
     def _apply(self, seg: int, hidden, encoder) -> tuple:
-        cache, store = self.cache, self.cache.store
-        res_h = store.get(cache.key(self.branch, self.skip_range, seg, "h"), like=hidden)
-        ke = cache.key(self.branch, self.skip_range, seg, "e")
-        res_e = store.get(ke, like=encoder) if encoder is not None and ke in store else None
+        cache = self.cache
+        kh, ke = (cache.key(self.branch, self.skip_range, seg, part) for part in ("h", "e"))
+        res_h = self._residual(kh, hidden)
+        res_e = self._residual(ke, encoder) if encoder is not None and ke in cache.store else None
         return hidden + res_h, (encoder + res_e if res_e is not None else encoder)
+
+    def _residual(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        """The residual to add back under ``key``: the last one captured, or with ``order=1`` and two captured,
+        the line through the last two evaluated at this step (their tags are the steps they were captured on)."""
+        store = self.cache.store
+        last = store.get(key, like=like)
+        prev_key = key[:-1] + (key[-1] + "0",)
+        if self.cache.config.order < 1 or prev_key not in store:
+            return last
+        t1, t0 = store.tag(key), store.tag(prev_key)
+        prev = store.get(prev_key, like=like, shape=last.shape)
+        if prev is None or t1 is None or t0 is None or t1 <= t0:
+            return last
+        if key[-1] == "h":
+            self.cache.stats.extrapolated += 1
+        return torch.lerp(prev, last, (self.step - t0) / (t1 - t0))
 
     @torch.compiler.disable
     def _capture(self, rng: Range, seg: int, out_h, out_e) -> None:
@@ -255,16 +273,33 @@ class BlockForward:
             if key[1] == self.branch and (key[2], key[3]) != rng:
                 store.drop(key)
         kh, ke = cache.key(self.branch, rng, seg, "h"), cache.key(self.branch, rng, seg, "e")
-        store.drop(ke)
+        keep_prev = cache.config.order >= 1
+        for key in (kh, ke):  # order 1: the residual captured before stays as the line's first point
+            if keep_prev and key in store:
+                store.rename(key, key[:-1] + (key[-1] + "0",))
+            else:
+                store.drop(key[:-1] + (key[-1] + "0",))
+            store.drop(key)
         if in_h.shape != out_h.shape:  # the blocks change the shape: nothing to add back later
-            store.drop(kh)
+            store.drop(kh[:-1] + ("h0",))
             return
-        ok = store.put(kh, out_h - in_h, self.step)
+        ok = self._put(kh, out_h - in_h)
         if ok and in_e is not None and out_e is not None and in_e.shape == out_e.shape:
-            ok = store.put(ke, out_e - in_e, self.step)
+            ok = self._put(ke, out_e - in_e)
             if not ok:
                 store.drop(kh)
+        if not ok:
+            for key in (kh, ke):
+                store.drop(key[:-1] + (key[-1] + "0",))
         self.state.refused = not ok
+
+    def _put(self, key: tuple, residual: torch.Tensor) -> bool:
+        """Capture ``residual``; over the budget, the previous one (order 1) goes first, then it is refused."""
+        store = self.cache.store
+        prev_key = key[:-1] + (key[-1] + "0",)
+        if prev_key in store and not store.fits(key, residual):
+            store.drop(prev_key)
+        return store.put(key, residual, self.step)
 
     # ------------------------------------------------------------------ auto trigger
     @torch.compiler.disable

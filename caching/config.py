@@ -19,6 +19,11 @@ Two levels, usable together and with any sparse plan:
   - ``"fixed"``: the blocks after the probe are skipped on a fixed ``skip_fraction`` of the steps, spread
     evenly (what benchmarks time on random weights, where a content trigger means nothing).
 
+  What a skip adds back (``order=``): ``0`` the residual the range produced the last time it ran; ``1`` that
+  residual extrapolated to the current step along the line through the last two it produced (a first-order
+  Taylor step in the step index, as TaylorSeer does for features): one more residual held per range, and
+  skips far from the last compute drift less.
+
 - **Attention** (DiTFastAttn): ``attn_share_interval=k`` (AST) reuses each listed layer's attention output
   from the last step it computed on all but every k-th step; ``cfg_share=True`` (ASC) computes attention
   once for the CFG branches of a step and copies it to the other (batched CFG: the positive half is
@@ -91,6 +96,8 @@ class CacheConfig:
         span: ``delta``: fraction of the blocks in the cached range.
         skip_fraction: ``fixed``: fraction of the steps between ``first_steps`` and ``last_steps`` whose
             blocks after the probe are skipped, spread evenly.
+        order: what a skipped range adds back: 0 its last residual, 1 its last residual extrapolated
+            linearly from the last two (twice the cache memory; falls back to 0 until two are captured).
         attn_share_interval: AST: 0 off; ``k``: the listed layers compute attention on every k-th step of
             the window and reuse their last output on the steps in between.
         attn_share_layers: AST layers (self-attention layer indices, negative from the end); empty: all.
@@ -108,6 +115,7 @@ class CacheConfig:
     boundary: float = 0.5
     span: float = 0.5
     skip_fraction: float = 0.5
+    order: int = 0
     attn_share_interval: int = 0
     attn_share_layers: tuple[int, ...] = ()
     cfg_share: bool = False
@@ -131,6 +139,9 @@ class CacheConfig:
             raise ValueError(
                 f"cache: skip_fraction is a fraction of the steps in [0, 1), got {self.skip_fraction}"
             )
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order not in (0, 1):
+            raise ValueError(f"cache: order must be 0 (reuse the last residual) or 1 (extrapolate from the last "
+                             f"two), got {self.order!r}")  # fmt: skip
         for name, low in (("probe_blocks", 0), ("max_skips", 1), ("interval", 1), ("attn_share_interval", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -83,10 +83,21 @@ class CacheStore:
 
     def admit(self, nbytes: int, replacing: int = 0, kind: str = "external") -> bool:
         """Whether ``nbytes`` more (freeing ``replacing``) fit the budget; a refusal is counted under ``kind``."""
-        if self.budget_bytes is None or self.total_bytes() - replacing + nbytes <= self.budget_bytes:
+        if self._fits(nbytes, replacing):
             return True
         self.refused[kind] += 1
         return False
+
+    def _fits(self, nbytes: int, replacing: int = 0) -> bool:
+        return self.budget_bytes is None or self.total_bytes() - replacing + nbytes <= self.budget_bytes
+
+    def fits(self, key: Hashable, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` would fit under ``key`` (replacing what is there) now; counts nothing."""
+        payload, scale = self._encode(tensor.detach()[:1])  # one row's layout, scaled: the encoding is per row
+        per = (payload.numel() * payload.element_size() + (scale.numel() * scale.element_size() if scale is not None
+               else 0)) / max(1, payload.numel())  # fmt: skip
+        old = self._entries.get(key)
+        return self._fits(int(per * tensor.numel()), old.nbytes if old is not None else 0)
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.total_bytes())
@@ -138,6 +149,14 @@ class CacheStore:
 
     def keys(self, kind: str | None = None) -> list:
         return [k for k in self._entries if kind is None or (isinstance(k, tuple) and k and k[0] == kind)]
+
+    def rename(self, key: Hashable, new_key: Hashable) -> None:
+        """Keep ``key``'s entry under ``new_key`` instead (replacing what was there); no bytes are added."""
+        e = self._entries.pop(key, None)
+        if e is None:
+            return
+        self.drop(new_key)
+        self._entries[new_key] = e
 
     def drop(self, key: Hashable) -> None:
         e = self._entries.pop(key, None)

@@ -124,6 +124,57 @@ def test_fixed_and_delta_schedules_skip_the_planned_blocks():
     assert d.cache.stats.recomputes == {}
 
 
+def _linear_run(config, budget=None, steps=6):
+    """Blocks whose residuals grow linearly with the step (2 + 3 blocks, text stream in the first list): a
+    first-order extrapolation reproduces them exactly; reusing the last residual is off by a step's growth."""
+    cache = BlockCache(config, CacheStore(budget))
+    cache.set_blocks((2, 3))
+    gen = torch.Generator().manual_seed(0)
+    h, e = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 1, 4, generator=gen)
+    outs, exact = [], []
+    for step in range(steps):
+        fwd = cache.begin_forward(step, steps, 0)
+        x, y, rx, ry = h, e, h, e
+        for i in range(5):
+            y = y if i < 2 else None
+            ry = ry if i < 2 else None
+
+            def compute(i=i, x=x, y=y, step=step):
+                return x + (i + 1) * step * 0.1, (y - step * 0.2 if y is not None else None)
+
+            x, y = fwd.block(i, x, y, compute)
+            rx = rx + (i + 1) * step * 0.1
+            ry = ry - step * 0.2 if ry is not None else None
+        fwd.end()
+        outs.append(x)
+        exact.append(rx)
+    return cache, outs, exact
+
+
+def test_order_one_extrapolates_the_residual_from_the_last_two_captures():
+    base = dict(blocks="fixed", skip_fraction=0.5, first_steps=1, last_steps=1)
+    c0, outs0, exact = _linear_run(CacheConfig(**base))
+    c1, outs1, _ = _linear_run(CacheConfig(**base, order=1))
+    skipped = [s for s, _, n in c1.stats.schedule if n]
+    assert skipped == [2, 4] and [s for s, _, n in c0.stats.schedule if n] == skipped
+    for s in skipped:  # both block lists' residuals (and the text stream's) extrapolated exactly
+        torch.testing.assert_close(outs1[s], exact[s])
+        assert (outs0[s] - exact[s]).abs().max() > 0.05  # order 0 reuses step s-1's residual
+    assert c1.stats.extrapolated == 2 * len(skipped) and c0.stats.extrapolated == 0
+    # twice the memory: each range keeps its last two residuals (hidden + text stream of the first list)
+    one = 2 * 3 * 4 * 4 * 2 + 2 * 1 * 4 * 4
+    assert c0.store.peak_bytes == one and c1.store.peak_bytes == 2 * one
+    # a budget that holds one residual set: order 1 drops the older one and works as order 0, refusing nothing
+    cb, outsb, _ = _linear_run(CacheConfig(**base, order=1), budget=one)
+    assert cb.stats.extrapolated == 0 and not cb.stats.recomputes and cb.store.refused == {}
+    for s in skipped:
+        torch.testing.assert_close(outsb[s], outs0[s])
+    with pytest.raises(ValueError, match="order must be 0"):
+        CacheConfig(order=2)
+    with pytest.raises(ValueError, match="order must be 0"):
+        CacheConfig(order=1.0)
+
+
 def test_auto_trigger_accumulates_change_per_branch_and_counts_recomputes():
     cfg = CacheConfig(blocks="auto", threshold=0.05, max_skips=2, first_steps=1, last_steps=1)
     m = FakeBlocks(cfg)
@@ -350,3 +401,20 @@ def test_bench_caching_tiny_times_every_row_on_the_same_inputs(tmp_path):
     assert rows["fast+cache"]["cache"]["blocks"] == "fixed" and 0 < rows["fast"]["density"] <= 1.0
     with pytest.raises(SystemExit, match="unknown cache"):
         caching.main(["--tiny", "--peers", "DeepCache"])
+    # the skip schedule a testbed row produced (16 steps: window 2..14, 6 of its 13 steps skipped), order 1
+    cq = tmp_path / "cq.json"
+    row = {"config": "fast+cache auto t=0.3 k=3 o1", "psnr": 28.0, "compute_fraction": 0.6,
+           "enable": {"preset": "testbed/fast", "cache": {"blocks": "auto", "threshold": 0.3, "max_skips": 3,
+                                                          "order": 1}},
+           "last_clip_schedule": [3, 5, 7, 9, 11, 13]}  # fmt: skip
+    cq.write_text(json.dumps({"meta": {"steps": 16}, "rows": [row]}))
+    rc = caching.main(["--tiny", "--only", "Wan", "--steps", "8", "--peers", "", "--out", str(out),
+                       "--skip-fraction-from", f"{cq}:{row['config']}"])  # fmt: skip
+    data = json.loads(out.read_text())
+    src = data["meta"]["schedule_source"]
+    assert rc == 0 and src["window_steps"] == 13 and src["skip_fraction"] == pytest.approx(6 / 13)
+    assert data["meta"]["skip_fraction"] == src["skip_fraction"] and data["meta"]["order"] == 1
+    rows = {r["config"]: r for r in data["records"]}
+    assert rows["fast+cache"]["cache"]["order"] == 1 and rows["fast+cache"]["blocks_skipped"] > 0
+    with pytest.raises(SystemExit, match="no row 'nope'"):
+        caching.main(["--tiny", "--skip-fraction-from", f"{cq}:nope"])
