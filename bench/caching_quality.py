@@ -70,7 +70,9 @@ def ast(interval: int) -> dict:
     return {"attn_share_interval": interval, "first_steps": 0.1, "last_steps": 1}
 
 
-def _cache_label(cache: dict) -> str:
+def _cache_label(cache: dict | str) -> str:
+    if isinstance(cache, str):  # a cache preset by name (CACHE_PRESETS)
+        return f"preset {cache}"
     if cache.get("attn_share_interval"):
         return f"AST k={cache['attn_share_interval']}"
     order = f" o{cache['order']}" if cache.get("order") else ""  # order 1: residual extrapolated from two
@@ -100,6 +102,9 @@ def our_rows(tiny: bool) -> list[dict]:
         }  # fmt: skip
         alone = [fixed(0.25), fixed(0.5), fixed(0.6), auto(0.15), auto(0.3, 3), fixed(0.6, order=1),
                  fixed(0.7, order=1)]  # fmt: skip
+    if not tiny:  # the cache presets as shipped, on every sparse preset
+        for caches in presets.values():
+            caches[:0] = ["safe", "balanced", "fast"]
     rows = []
     for preset, caches in presets.items():
         rows.append(

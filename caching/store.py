@@ -93,7 +93,8 @@ class CacheStore:
 
     def fits(self, key: Hashable, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` would fit under ``key`` (replacing what is there) now; counts nothing."""
-        payload, scale = self._encode(tensor.detach()[:1])  # one row's layout, scaled: the encoding is per row
+        # the bytes per element of one row's encoding (int8 keeps a scale per row): the whole tensor's, scaled
+        payload, scale = self._encode(tensor.detach()[:1])
         per = (payload.numel() * payload.element_size() + (scale.numel() * scale.element_size() if scale is not None
                else 0)) / max(1, payload.numel())  # fmt: skip
         old = self._entries.get(key)
