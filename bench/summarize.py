@@ -91,9 +91,36 @@ def caching_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def preset_quality_table(record: dict) -> str:
+    """``bench/preset_quality.py``: testbed PSNR vs dense of every family preset's own plan, target met or not."""
+    levels = [p for p in ("safe", "balanced", "fast") if p in record["targets"]]
+    head = " | ".join(f"{p} (≥ {record['targets'][p]:g} dB)" for p in levels)
+    lines = [f"| family | {head} |", "|---|" + "---|" * len(levels)]
+    rows = {(r["family"], r["preset"]): r for r in record["rows"]}
+    for family in record["table"]:
+        cells = []
+        for p in levels:
+            r = rows.get((family, p))
+            if r is None:
+                cells.append("—")
+            elif "psnr" not in r:
+                cells.append(f"not run: {(r.get('error') or r.get('skipped') or '')[:60]}")
+            else:
+                mark = "✓" if r["met"] else "✗"
+                cells.append(f"{r['psnr']:.1f} {mark} (attn {r['attention_density']:.2f})")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         recs = json.load(open(path))
+        if isinstance(recs, dict) and recs.get("bench") == "preset-quality":
+            reduced = "REDUCED run, " if recs["reduced"] else ""
+            print(f"{reduced}{recs['device']}, torch {recs['torch']}; testbed {len(recs['heldout_clips'])} clips x "
+                  f"{recs['steps']} steps, each family preset's own plan file\n")  # fmt: skip
+            print(preset_quality_table(recs))
+            continue
         if isinstance(recs, dict) and recs.get("meta", {}).get("bench") == "caching":
             m = recs["meta"]
             print(f"{m['device']}, torch {m['torch']}, diffusers {m['diffusers']}; baseline: the best dense backend\n")
