@@ -112,9 +112,58 @@ def preset_quality_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def kernel_peers_table(data: dict) -> str:
+    """``bench/kernel_peers.py``: ratio over the run's baseline (cuDNN SDPA on a GPU) and rel-L2 against exact dense
+    attention, per variant at its mask (rows) and shape (columns); then the issue's targets per shape."""
+    shapes = list(data["shapes"])
+    cells: dict[tuple, dict] = {}
+    for r in data["records"]:
+        if r["variant"] != "setup":
+            cells[(r["variant"], r["mask"], r["shape"])] = r
+    rows = list(dict.fromkeys((v, m) for v, m, _ in cells))
+    lines = [f"| variant | mask | {' | '.join(shapes)} |", "|---|---|" + "---|" * len(shapes)]
+    for variant, mask in rows:
+        out = []
+        for shape in shapes:
+            r = cells.get((variant, mask, shape))
+            if r is None:
+                out.append("—")
+            elif r["status"] == "unavailable":
+                out.append("n/a")
+            elif r["status"] != "ok":
+                out.append(r["status"])
+            else:
+                ratio = f"{r['ratio']:.2f}×" if r.get("ratio") else f"{r['ms']:.2f} ms"
+                rel = "" if r.get("rel_l2_dense") is None else f" ({r['rel_l2_dense']:.4f})"
+                out.append(ratio + rel)
+        lines.append(f"| {variant} | {mask or 'own'} | " + " | ".join(out) + " |")
+    yes = lambda x: "—" if x is None else ("yes" if x else "no")  # noqa: E731
+    lines += ["", "| shape | dense 16-bit ≥ 1.0× cuDNN | 8-bit ≥ 1.6× cuDNN | per mask: ours fastest at equal "
+              "rel-L2 / sparse ≥ 0.9/d × our dense |", "|---|---|---|---|"]  # fmt: skip
+    for shape, s in data["summary"].items():
+        t = s["targets"]
+        d16, d8 = t["dense_16bit_vs_cudnn"], t["dense_8bit_vs_cudnn"]
+        per = []
+        for mask, m in s["per_mask"].items():
+            sp = t["sparse_vs_our_dense"].get(mask, {})
+            per.append(f"{mask}: {yes(m.get('ours_fastest'))} / {yes(sp.get('met_any'))}")
+        fmt = lambda x: f"{yes(x['met'])} ({x['ratio']:.2f}×)" if x["ratio"] else "—"  # noqa: E731
+        lines.append(f"| {shape} | {fmt(d16)} | {fmt(d8)} | {'; '.join(per)} |")
+    for skipped in data.get("skipped_shapes", []):
+        lines.append(f"| {skipped['shape']} | skipped: {skipped['reason']} | | |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         recs = json.load(open(path))
+        if isinstance(recs, dict) and recs.get("bench") == "kernel_peers":
+            v = recs["versions"]
+            print(f"{recs['device']}, torch {v['torch']}, triton {v['triton']}, flash-attn-4 {v['flash-attn-4']}, "
+                  f"comfy-kitchen {v['comfy-kitchen']}, sageattention {v['sageattention']}; baseline "
+                  f"{recs['baseline']} in the same run; cells: ratio (rel-L2 vs exact dense)\n")  # fmt: skip
+            print(kernel_peers_table(recs))
+            continue
         if isinstance(recs, dict) and recs.get("bench") == "preset-quality":
             reduced = "REDUCED run, " if recs["reduced"] else ""
             print(f"{reduced}{recs['device']}, torch {recs['torch']}; testbed {len(recs['heldout_clips'])} clips x "
