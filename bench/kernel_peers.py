@@ -248,6 +248,11 @@ def flex(mask: BlockMask, heads: int, device):
     cuda = torch.device(device).type == "cuda"
     fm = flex_block_mask(mask, heads, device, exact_mask_mod=not cuda)
     if cuda and _compiled_flex is None:
+        # one compile per shape (dynamic=False); new masks of a shape are new inputs, not recompiles. Room for
+        # more anyway: past the limit dynamo would run flex eagerly, materialising S x S scores.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     if cuda:
         return lambda q, k, v: _compiled_flex(q, k, v, block_mask=fm)
@@ -277,6 +282,11 @@ class Variant:
     bits: int = 16
     prep: Callable | None = None  # untimed input conversion (layout)
     extra: dict = field(default_factory=dict)
+    label: str | None = None  # what serves it, for peers (ours say it in AttentionResult.backend)
+
+    @property
+    def backend(self) -> str:
+        return self.label or self.variant
 
 
 def build_variants(masks: dict[str, BlockMask], heads: int, device) -> list[Variant]:
@@ -312,7 +322,8 @@ def build_variants(masks: dict[str, BlockMask], heads: int, device) -> list[Vari
         ]
         if name.startswith("window3d"):  # the product's structural mask: what backend="auto" picks there
             vs.append(Variant("ours_auto_bf16", "ours", name, ours(mask, "none", "auto")))
-        vs.append(Variant("flex", "peer", name, lazy(lambda m=mask: flex(m, heads, device))))
+        flex_fn = lazy(lambda m=mask: flex(m, heads, device))
+        vs.append(Variant("flex", "peer", name, flex_fn, label="flex_compiled" if cuda else "flex_eager"))
     return vs
 
 
@@ -378,7 +389,7 @@ def run_variant(shape: Shape, v: Variant, reps: int, deadline: float) -> dict:
         prep = v.prep or (lambda q, k, v: (q, k, v))
         args = prep(*shape.inputs["structured"])
         first, ms, n, res = measure(v.fn, args, reps, cuda)
-        rec.update(first_call_ms=first, ms=ms, reps=n, backend=getattr(res, "backend", None) or v.variant)
+        rec.update(first_call_ms=first, ms=ms, reps=n, backend=getattr(res, "backend", None) or v.backend)
         rec.update(shape.score(res, v.mask, "structured"))
         del args, res
         if v.bits == 8:  # the error of 8-bit kernels depends on the value distribution: random inputs too
@@ -391,12 +402,12 @@ def run_variant(shape: Shape, v: Variant, reps: int, deadline: float) -> dict:
             error=f"{type(e).__name__}: {str(e)[:800]}",
             traceback=traceback.format_exc()[-2000:],
         )
-        if cuda:  # a failed launch must not leak into the next variant's timing, nor its memory stay held
-            try:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-            except Exception as sync_error:  # a poisoned context: every later variant will say so too
-                rec["error"] += f" (then synchronize: {type(sync_error).__name__}: {sync_error})"[:400]
+    if cuda and rec["status"] == "error":  # a failed launch must not leak into the next variant's timing,
+        try:  # nor its memory stay held (released here, once the exception and its frames are gone)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:  # a poisoned context: every later variant will say so too
+            rec["error"] += f" (then synchronize: {type(e).__name__}: {str(e)[:300]})"
     return rec
 
 
@@ -437,6 +448,10 @@ def _brief(r: dict | None) -> dict | None:
     return {k: r.get(k) for k in keys}
 
 
+def _label(r: dict) -> str:
+    return f"{r['variant']}@{r['mask'] or 'own'}"
+
+
 def _fastest(records):
     records = [r for r in records if r["ms"]]
     return min(records, key=lambda r: r["ms"]) if records else None
@@ -463,8 +478,8 @@ def summarize_shape(records: list[dict]) -> dict:
         best = _fastest([mine, *eligible])
         out["per_mask"][mask] = {
             "density": mine["density"], "ours": _brief(mine), "rel_l2_limit": limit, "fastest": _brief(best),
-            "ours_fastest": best is mine, "peers_within_limit": len(eligible),
-            "peers_excluded_by_rel_l2": sorted({r["variant"] for r in peers if r["rel_l2_dense"] > limit}),
+            "ours_fastest": best is mine, "peers_within_limit": [_label(r) for r in eligible],
+            "peers_over_limit": [_label(r) for r in peers if r["rel_l2_dense"] > limit],
         }  # fmt: skip
     out["targets"] = targets(records)
     return out

@@ -47,7 +47,7 @@ def test_tiny_run_records_baseline_ours_and_absent_peers(tiny):
         r = _rec(tiny, "ours_triton_bf16", mask)
         assert r["status"] == "ok" and 0 < r["density"] < 1 and r["rel_l2_sparse"] < 5e-3
         flex = _rec(tiny, "flex", mask)  # eager flex over the converted mask equals our sparse reference
-        assert flex["status"] == "ok" and flex["rel_l2_sparse"] < 5e-3
+        assert flex["status"] == "ok" and flex["rel_l2_sparse"] < 5e-3 and flex["backend"] == "flex_eager"
     assert _rec(tiny, "ours_auto_bf16", "window3d_0.2")["backend"] == "cpu"
 
     # GPU-only peers: recorded with the reason, the run went on
@@ -69,6 +69,7 @@ def test_tiny_run_summary(tiny):
         assert m["ours"]["variant"].startswith("ours_") and isinstance(m["ours_fastest"], bool)
         assert m["rel_l2_limit"] == pytest.approx(1.5 * m["ours"]["rel_l2_dense"])
         assert m["fastest"]["rel_l2_dense"] <= m["rel_l2_limit"]
+        assert "sdpa_default@dense" in m["peers_within_limit"] + m["peers_over_limit"]
     t = s["targets"]
     assert t["dense_16bit_vs_cudnn"]["target"] == 1.0 and isinstance(t["dense_16bit_vs_cudnn"]["met"], bool)
     assert t["dense_8bit_vs_cudnn"]["target"] == 1.6
