@@ -1,11 +1,11 @@
 """Our attention kernels against the strongest peers on one GPU: same inputs, same masks (issue 16).
 
-``python -m fastattn.bench.kernel_peers [--shapes wan1.3b_480p_81f,flux_2048,...] [--reps 10] [--budget-s 420]
+``python -m fastattn.bench.kernel_peers [--shapes flux_2048,wan1.3b_480p_81f,...] [--reps 10] [--budget-s 420]
 [--out PATH] [--tiny]``
 
-Shapes (B=1, head_dim 128, bf16, no text tokens): Wan-1.3B 480p x 81 frames (12 heads, 32,760 tokens),
-FLUX 2048^2 image tokens (24 heads, 16,384), Wan-14B 720p x 81 (40 heads, 75,600), HunyuanVideo 720p x 129
-(24 heads, 118,800); smallest first, so ``--budget-s`` cuts the costly ones. ``--tiny``: one 900-token shape on
+Shapes (B=1, head_dim 128, bf16, no text tokens), cheapest first so ``--budget-s`` cuts the costly ones: FLUX
+2048^2 image tokens (24 heads, 16,384 tokens), Wan-1.3B 480p x 81 frames (12 heads, 32,760), Wan-14B 720p x 81
+(40 heads, 75,600), HunyuanVideo 720p x 129 (24 heads, 118,800). ``--tiny``: one 900-token shape on
 the CPU (our kernels run the PyTorch path, the GPU peers are recorded as unavailable): the CI check.
 
 Variants per shape, each in try/except (a failure is recorded with its error, the run goes on):
@@ -55,9 +55,9 @@ from fastattn.bench.kernel_speed import make_inputs, make_mask, rel_l2, sampled_
 from fastattn.masks import BlockMask, TokenLayout, patterns
 
 SHAPES = {
-    # name: (heads, layout); smallest first
-    "wan1.3b_480p_81f": kernel_speed.SHAPES["wan1.3b_480p_81f"],
+    # name: (heads, layout); cheapest first (heads x tokens^2), so --budget-s cuts the costly ones
     "flux_2048": (24, TokenLayout.video(1, 128, 128)),
+    "wan1.3b_480p_81f": kernel_speed.SHAPES["wan1.3b_480p_81f"],
     "wan14b_720p_81f": kernel_speed.SHAPES["wan14b_720p_81f"],
     "hunyuan_720p_129f": kernel_speed.SHAPES["hunyuan_720p_129f"],
 }
