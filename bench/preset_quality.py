@@ -161,8 +161,8 @@ def adapted_notes(family: str, plan, layout, steps: int, num_layers: int, block_
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-_MEASURED = ("attention_density", "mask_density", "flops_fraction", "attention_fraction", "psnr", "psnr_per_clip",
-             "ssim", "rel_l2_latents", "seconds", "planned_dense", "fallbacks", "warnings", "error", "skipped")  # fmt: skip
+_MEASURED = ("attention_density", "flops_fraction", "attention_fraction", "psnr", "psnr_per_clip", "ssim",
+             "rel_l2_latents", "seconds", "planned_dense", "fallbacks", "warnings", "error", "skipped")  # fmt: skip
 
 
 def measure(bench: Bench, label: str, plan) -> dict:
@@ -171,8 +171,7 @@ def measure(bench: Bench, label: str, plan) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rec = bench.score({"label": label, "kind": "ours", "sparse": True, "enable": {"plan": plan}})
-    out = {k: rec[k] for k in ("psnr", "psnr_per_clip", "ssim", "rel_l2_latents", "seconds", "planned_dense",
-                               "fallbacks", "flops_fraction", "attention_fraction", "error", "skipped") if k in rec}  # fmt: skip
+    out = {k: rec[k] for k in _MEASURED if k in rec}
     if "density" in rec:
         out["attention_density"] = rec["density"]  # computed / total attention work, dense steps included
     out["warnings"] = sorted({str(c.message)[:300] for c in caught})
