@@ -28,7 +28,7 @@ def test_cache_config_presets_plan_fields_and_errors(tmp_path):
     cfg = CacheConfig.from_value({"preset": "fast", "threshold": 0.3, "attn_share_layers": [0, -1]})
     assert (
         cfg.blocks == "auto"
-        and cfg.max_skips == 3
+        and cfg.max_skips == 4 and cfg.order == 1
         and cfg.threshold == 0.3
         and cfg.attn_share_layers == (0, -1)
     )
