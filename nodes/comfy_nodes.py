@@ -190,16 +190,27 @@ class FastAttentionCache(io.ComfyNode):
                 io.Boolean.Input(
                     "cache_offload", default=False, tooltip="Keep cached tensors in CPU memory (saves VRAM)."
                 ),
+                # last: saved workflows keep their widget values by position
+                io.Combo.Input(
+                    "extrapolate",
+                    options=list(fc.EXTRAPOLATE),
+                    default="preset",
+                    tooltip="What skipped blocks add back. off: the change they made the last time they ran; "
+                    "first-order: that change carried forward along its trend over the last two runs, which drifts "
+                    "less on long skips but keeps twice the cached block memory (plain reuse until two runs are "
+                    "cached, or when the budget cannot hold both); preset: the preset's choice (safe, balanced, "
+                    "fast: first-order; delta: off; custom: first-order).",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with fastattn's cache.")],
         )
 
     @classmethod
     def execute(cls, model, preset, blocks, threshold, max_skips, first_steps, last_steps, attn_share_interval,
-                cfg_share, cache_budget_gb, cache_storage, cache_offload) -> io.NodeOutput:  # fmt: skip
+                cfg_share, cache_budget_gb, cache_storage, cache_offload, extrapolate="preset") -> io.NodeOutput:  # fmt: skip
         return io.NodeOutput(fc.apply_fast_cache(model, preset, blocks, threshold, max_skips, first_steps, last_steps,
                                                  attn_share_interval, cfg_share, cache_budget_gb, cache_storage,
-                                                 cache_offload))  # fmt: skip
+                                                 cache_offload, extrapolate=extrapolate))  # fmt: skip
 
 
 class FastAttentionPlan(io.ComfyNode):

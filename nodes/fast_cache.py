@@ -22,27 +22,32 @@ from .host.schedule import SCHEDULES
 
 PRESETS = ("balanced", "safe", "fast", "delta", "custom", "off")
 BLOCK_MODES = ("auto", "delta", "fixed", "off")
+# The extrapolate widget: the CacheConfig order each choice sets (None: the preset's own).
+EXTRAPOLATE = {"preset": None, "off": 0, "first-order": 1}
 
 
 def cache_config(preset: str = "balanced", blocks: str = "auto", threshold: float = 0.1, max_skips: int = 2,
                  first_steps: float = 0.1, last_steps: int = 1, attn_share_interval: int = 0,
-                 cfg_share: bool = False) -> CacheConfig:  # fmt: skip
+                 cfg_share: bool = False, *, extrapolate: str = "preset") -> CacheConfig:  # fmt: skip
     """The node's cache config: a preset, or (``"custom"``) the block mode and trigger widgets; the attention
-    sharing widgets apply on top of either."""
+    sharing widgets apply on top of either, and ``extrapolate`` (:data:`EXTRAPOLATE`) sets what a skipped
+    block range adds back: ``"preset"`` the preset's own order (``custom``: first order, as the block presets)."""
     if preset not in PRESETS:
         raise NodeError(f"unknown cache preset {preset!r}; choose one of {list(PRESETS)}")
+    if extrapolate not in EXTRAPOLATE:
+        raise NodeError(f"unknown extrapolate {extrapolate!r}; choose one of {list(EXTRAPOLATE)}")
     try:
         if preset == "custom":
             if blocks not in BLOCK_MODES:
                 raise NodeError(f"unknown block mode {blocks!r}; choose one of {list(BLOCK_MODES)}")
             fields = dict(blocks=blocks, threshold=threshold, max_skips=max_skips, first_steps=float(first_steps),
-                          last_steps=int(last_steps))  # fmt: skip
+                          last_steps=int(last_steps), order=1)  # fmt: skip
             base = CacheConfig.from_value(fields)
         else:
             base = CACHE_PRESETS[preset]
-        return CacheConfig.from_value(
-            {**base.to_dict(), "attn_share_interval": int(attn_share_interval), "cfg_share": bool(cfg_share)}
-        )
+        order = base.order if EXTRAPOLATE[extrapolate] is None else EXTRAPOLATE[extrapolate]
+        shared = {"attn_share_interval": int(attn_share_interval), "cfg_share": bool(cfg_share)}
+        return CacheConfig.from_value({**base.to_dict(), "order": order, **shared})
     except NodeError:
         raise
     except (TypeError, ValueError) as e:
@@ -52,11 +57,11 @@ def cache_config(preset: str = "balanced", blocks: str = "auto", threshold: floa
 def apply_fast_cache(model, preset: str = "balanced", blocks: str = "auto", threshold: float = 0.1,
                      max_skips: int = 2, first_steps: float = 0.1, last_steps: int = 1, attn_share_interval: int = 0,
                      cfg_share: bool = False, cache_budget_gb: float = 0.0, cache_storage: str = "auto",
-                     cache_offload: bool = False, *, book=SCHEDULES, sparse_fn=None, default_attention=None):  # fmt: skip
+                     cache_offload: bool = False, *, extrapolate: str = "preset", book=SCHEDULES, sparse_fn=None,
+                     default_attention=None):  # fmt: skip
     """A ``clone()`` of ``model`` with caching (node *Fast Attention Cache*). ``cache_budget_gb`` 0: unbounded."""
-    cfg = cache_config(
-        preset, blocks, threshold, max_skips, first_steps, last_steps, attn_share_interval, cfg_share
-    )
+    cfg = cache_config(preset, blocks, threshold, max_skips, first_steps, last_steps, attn_share_interval, cfg_share,
+                       extrapolate=extrapolate)  # fmt: skip
     if cache_storage not in STORAGES:
         raise NodeError(f"unknown cache_storage {cache_storage!r}; choose one of {list(STORAGES)}")
     if (
@@ -72,7 +77,7 @@ def apply_fast_cache(model, preset: str = "balanced", blocks: str = "auto", thre
     existing = find_patch(model)
     settings = dict(existing.settings) if existing is not None else {}
     settings.update(cache=preset if preset != "custom" else cfg.describe(), cache_budget_gb=cache_budget_gb or "none",
-                    cache_storage=cache_storage)  # fmt: skip
+                    cache_storage=cache_storage, extrapolate=extrapolate)  # fmt: skip
     if family is None:
         patch = FastAttentionPatch(None, settings=settings, reason=reason, book=book)
     else:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,90 @@ def test_node_errors_and_passthrough(book):
     other = ModelPatcher(BaseModel(fakes.NextDiT()))
     patched = fc.apply_fast_cache(other, book=book)
     assert find_patch(patched).reason.startswith("family not supported yet: lumina2")
+
+
+@pytest.mark.parametrize(
+    "preset, extrapolate, order",
+    [("balanced", "preset", 1), ("balanced", "off", 0), ("balanced", "first-order", 1), ("delta", "preset", 0),
+     ("delta", "first-order", 1), ("custom", "preset", 1), ("custom", "off", 0), ("custom", "first-order", 1)],
+)  # fmt: skip
+def test_extrapolate_sets_the_cache_order(book, preset, extrapolate, order):
+    assert fc.cache_config(preset, extrapolate=extrapolate).order == order
+    patched = fc.apply_fast_cache(flux()[0], preset=preset, extrapolate=extrapolate, book=book)
+    assert find_patch(patched).plan.cache.order == order
+    assert find_patch(patched).settings["extrapolate"] == extrapolate
+    if extrapolate == "preset":  # the default: callers that predate the widget get the same config
+        assert fc.cache_config(preset) == fc.cache_config(preset, extrapolate="preset")
+
+
+def test_extrapolate_reaches_the_skipped_blocks(book):
+    """Fixed skips on steps 1 and 3: step 3 has two captures (steps 0 and 2) to extrapolate from."""
+    base, x = flux()
+    outs = {}
+    for choice in ("off", "first-order"):
+        patched = fc.apply_fast_cache(base, book=book, extrapolate=choice, **CUSTOM)
+        outs[choice] = sample(patched, x, SIGMAS, CTX)
+        blocks = find_patch(patched).report()["cache"]["blocks"]
+        assert blocks["blocks_skipped"] > 0
+        assert (blocks["extrapolated"] > 0) == (choice == "first-order"), blocks
+    assert torch.isfinite(outs["first-order"]).all() and not torch.equal(outs["off"], outs["first-order"])
+
+
+def test_bad_extrapolate_is_a_node_error_naming_the_choices(book):
+    for bad in ("second-order", "", 1, None):
+        with pytest.raises(fa.NodeError, match=r"extrapolate.*'preset', 'off', 'first-order'"):
+            fc.apply_fast_cache(flux()[0], extrapolate=bad, book=book)
+
+
+def test_node_schema_ends_with_extrapolate_and_execute_passes_it(monkeypatch, book):
+    """Saved workflows store widget values by position: the new widget must be the last input."""
+    io = types.SimpleNamespace()
+
+    class Spec:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    def comfy_type(name):
+        return types.SimpleNamespace(
+            Input=type(name + "In", (Spec,), {}), Output=type(name + "Out", (Spec,), {})
+        )
+
+    for name in (
+        "Model",
+        "Clip",
+        "Combo",
+        "Float",
+        "Int",
+        "String",
+        "AnyType",
+        "Latent",
+        "Boolean",
+        "Conditioning",
+    ):
+        setattr(io, name, comfy_type(name))
+    io.Custom, io.Schema = comfy_type, Spec
+    io.ComfyNode = type("ComfyNode", (), {})
+    io.NodeOutput = type(
+        "NodeOutput", (), {"__init__": lambda self, *args, ui=None: setattr(self, "args", args)}
+    )
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    monkeypatch.delitem(sys.modules, "fastattn.nodes.comfy_nodes", raising=False)
+    from fastattn.nodes import comfy_nodes
+
+    inputs = comfy_nodes.FastAttentionCache.define_schema().kwargs["inputs"]
+    names = [spec.args[0] for spec in inputs]
+    assert names[:2] == ["model", "preset"] and names[-2:] == ["cache_offload", "extrapolate"], names
+    last = inputs[-1]
+    assert isinstance(last, io.Combo.Input) and last.kwargs["options"] == ["preset", "off", "first-order"]
+    assert last.kwargs["default"] == "preset" and "custom" in last.kwargs["tooltip"]
+    values = dict(preset="fast", blocks="auto", threshold=0.1, max_skips=2, first_steps=0.1, last_steps=1,
+                  attn_share_interval=0, cfg_share=False, cache_budget_gb=0.0, cache_storage="auto",
+                  cache_offload=False)  # fmt: skip
+    for choice, order in (("off", 0), ("first-order", 1)):
+        out = comfy_nodes.FastAttentionCache.execute(flux()[0], **values, extrapolate=choice)
+        assert find_patch(out.args[0]).plan.cache.order == order
+    out = comfy_nodes.FastAttentionCache.execute(flux()[0], *values.values())  # a caller without the widget
+    assert find_patch(out.args[0]).plan.cache.order == 1
