@@ -120,7 +120,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .testbed.demo import check_demo_args, run_demo
 
     kw = dict(out=args.out, steps=args.steps, preset=args.preset, method=args.method, density=args.density,
-              quant=args.quant, device=args.device, frames=args.frames, size=args.size, clips=args.clips)  # fmt: skip
+              quant=args.quant, device=args.device, frames=args.frames, size=args.size, clips=args.clips,
+              real_shape=args.real_shape, real_steps=args.real_steps, real_layers=args.real_layers)  # fmt: skip
     try:  # every argument checked before the model loads or anything is sampled
         check_demo_args(**kw)
     except ValueError as e:
@@ -231,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=None, help="frame size in pixels (default: 64)")
     d.add_argument("--clips", type=int, default=None, help="clips to sample (default: 1 on CPU, 4 on GPU)")
     d.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    d.add_argument(
+        "--real-shape", action=argparse.BooleanOptionalAction, default=None,
+        help="also time a Wan-2.1-1.3B-shaped layer stack (random weights, 32,760 tokens) dense and fast, where "
+             "sparse attention pays (default: on with a GPU; GPU only)",
+    )  # fmt: skip
+    d.add_argument("--real-steps", type=int, default=10, help="real-shape schedule's steps (default: 10)")
+    d.add_argument(
+        "--real-layers", type=int, default=None, help="real-shape layers, to time-box (default: all 30)"
+    )
     d.set_defaults(func=cmd_demo)
     from .evaluation.cli import add_eval_parser
 
