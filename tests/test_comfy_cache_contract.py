@@ -315,6 +315,8 @@ def test_extrapolate_reaches_the_skipped_blocks(book):
         blocks = find_patch(patched).report()["cache"]["blocks"]
         assert blocks["blocks_skipped"] > 0
         assert (blocks["extrapolated"] > 0) == (choice == "first-order"), blocks
+        text = fa.report_text(patched)  # the Report node's text says how many skips were extrapolated
+        assert f"skipped ranges extrapolated (first order): {blocks['extrapolated']};" in text, text
     assert torch.isfinite(outs["first-order"]).all() and not torch.equal(outs["off"], outs["first-order"])
 
 

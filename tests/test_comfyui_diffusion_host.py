@@ -382,6 +382,114 @@ def test_shipped_plan_for_the_family_runs(server):
     assert sample(server, g).isfinite().all()
 
 
+# ---- the Fast Attention Cache node ---------------------------------------------------------------------------
+#
+# Block skipping in a real host: ComfyUI's block replacement (patches_replace) drives the cache. On the tiny Wan
+# (2 blocks) and Flux (1 double + 1 single) one block is probed and the other is the one skipped.
+
+CACHE = "FastAttnCache"
+CACHE_DEFAULTS = {
+    "preset": "balanced",
+    "blocks": "auto",
+    "threshold": 0.1,
+    "max_skips": 2,
+    "first_steps": 0.1,
+    "last_steps": 1,
+    "attn_share_interval": 0,
+    "cfg_share": False,
+    "cache_budget_gb": 0.0,
+    "cache_storage": "auto",
+    "cache_offload": False,
+    "extrapolate": "preset",
+}
+# Skips for sure at 4 steps: "fixed" skips half the steps between the first one (first_steps 0.1 -> 1 step) and
+# the last one (last_steps 1), i.e. step 2, after captures at steps 0 and 1 (two residuals: first order applies).
+FIXED = {"preset": "custom", "blocks": "fixed"}
+EXTRAPOLATE_CHOICES = ["preset", "off", "first-order"]
+
+
+def cache_patch(model="MODEL", **inputs) -> dict:
+    """Extra nodes for ``graph()``: Fast Attention Cache ("fa") on ``model`` (default: the loader's MODEL)."""
+    return {"fa": {"class_type": CACHE, "inputs": dict(CACHE_DEFAULTS, model=model, **inputs)}}
+
+
+def cache_stats(report: str) -> dict:
+    """Blocks skipped, skipped ranges extrapolated and peak cache MiB, from the Report's cache lines."""
+    skipped = re.search(r"blocks skipped: (\d+) of \d+ block calls", report)
+    extrapolated = re.search(r"skipped ranges extrapolated \(first order\): (\d+);", report)
+    peak = re.search(r"cache memory: \S+ MiB now, ([0-9.]+) MiB peak", report)
+    assert skipped and extrapolated and peak, report
+    return {
+        "skipped": int(skipped.group(1)),
+        "extrapolated": int(extrapolated.group(1)),
+        "peak_mib": float(peak.group(1)),
+    }
+
+
+def test_object_info_lists_the_cache_node_with_extrapolate_last(object_info):
+    node = object_info[CACHE]
+    assert node["python_module"] == PACK_MODULE and node["category"] == "fastattn"
+    assert node["display_name"] == "Fast Attention Cache" and node["output"] == ["MODEL"]
+    required = node["input"]["required"]
+    # extrapolate last: saved workflows keep their widget values by position
+    assert list(required) == ["model", *CACHE_DEFAULTS], list(required)
+    for name, default in CACHE_DEFAULTS.items():
+        assert required[name][1]["default"] == default, (name, required[name])
+    assert required["extrapolate"][1]["options"] == EXTRAPOLATE_CHOICES
+    assert "fixed" in required["blocks"][1]["options"] and "off" in required["preset"][1]["options"]
+
+
+def test_cache_off_equals_baseline_bit_for_bit(server):
+    g = graph("wan", cache_patch(preset="off"), prefix="latents/wan_cache_off")
+    x, report = run_with_report(server, g)
+    assert "fastattn on wan " in report, report
+    assert "blocks skipped:" not in report, report  # preset off: no block cache at all
+    assert x.equal(baseline(server, "wan")), f"Fast Attention Cache (off) changed the latent\n{report}"
+
+
+def test_cache_skips_blocks_and_extrapolate_changes_what_they_add(server):
+    plain = baseline(server, "wan")
+    runs = {}
+    for choice in ("off", "first-order"):
+        g = graph("wan", cache_patch(**FIXED, extrapolate=choice), prefix=f"latents/wan_cache_{choice}")
+        x, report = run_with_report(server, g)
+        stats = cache_stats(report)
+        assert x.shape == plain.shape and x.isfinite().all(), report
+        assert stats["skipped"] > 0 and stats["peak_mib"] > 0, report
+        assert (stats["extrapolated"] > 0) == (choice == "first-order"), report
+        assert f"extrapolate={choice}" in report, report  # the node's settings line
+        assert not x.equal(plain), f"extrapolate {choice}: skipping left the latent unchanged\n{report}"
+        runs[choice] = x
+    assert not runs["off"].equal(runs["first-order"]), "extrapolate first-order added the same as off"
+
+
+def test_fast_attention_then_cache_on_flux_reports_sparse_calls_and_skipped_blocks(server):
+    patch = {
+        "sp": {"class_type": APPLY, "inputs": dict(APPLY_DEFAULTS, model="MODEL", **SPARSE)},
+        **cache_patch(model=["sp", 0], **FIXED),
+    }
+    # cfg 1: ComfyUI runs the positive branch only (half the work of the slowest graph here)
+    kw = {"latent": SPARSE_LATENT["flux"], "steps": SPARSE_STEPS["flux"], "cfg": 1.0}
+    x, report = run_with_report(server, graph("flux", patch, prefix="latents/flux_sparse_cache", **kw))
+    assert x.isfinite().all(), report
+    assert "fastattn on flux " in report and "preset=fast" in report, report  # one plan: the sparse node's
+    sparse = re.search(r"self-attention calls: \d+: (\d+) sparse", report)
+    assert sparse and int(sparse.group(1)) > 0, report
+    assert achieved_density(report) < 1.0, report
+    stats = cache_stats(report)
+    assert stats["skipped"] > 0 and stats["peak_mib"] > 0, report
+
+
+def test_bad_extrapolate_is_a_node_error_and_the_queue_goes_on(server):
+    g = graph("wan", cache_patch(extrapolate="second-order"), prefix="latents/bad_extrapolate")
+    text = assert_node_error(server, g, CACHE, str(EXTRAPOLATE_CHOICES))
+    assert "second-order" in text, text
+    # ComfyUI 0.3.64 leaves a V3 combo's value to the node: the error is the node's own. A host that checks
+    # combo values itself refuses the prompt first ("Value not in list", naming the same choices).
+    if not text.startswith("Value not in list"):
+        assert f"unknown extrapolate 'second-order'; choose one of {EXTRAPOLATE_CHOICES}" in text, text
+
+
 # ---- a real browser: the host's frontend in headless Chromium ---------------------------------------------
 #
 # Needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) and selenium

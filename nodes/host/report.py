@@ -114,6 +114,7 @@ def _cache_lines(c: dict) -> list[str]:
     if b:
         lines.append(f"blocks skipped: {b['blocks_skipped']} of {b['blocks_run'] + b['blocks_skipped']} block calls "
                      f"({b['block_work_skipped']:.1%}) in {b['skipping_forwards']} of {b['forwards']} forwards; "
+                     f"skipped ranges extrapolated (first order): {b['extrapolated']}; "
                      f"recomputed instead of skipping: {_counts(b['recomputes'])}")  # fmt: skip
     a = c.get("attention")
     if a:
