@@ -161,8 +161,10 @@ def adapted_notes(family: str, plan, layout, steps: int, num_layers: int, block_
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-_MEASURED = ("attention_density", "flops_fraction", "attention_fraction", "psnr", "psnr_per_clip", "ssim",
-             "rel_l2_latents", "seconds", "planned_dense", "fallbacks", "warnings", "error", "skipped")  # fmt: skip
+# last_clip_schedule: the steps whose blocks a plan's block cache skipped (plans with a cache only)
+_MEASURED = ("attention_density", "flops_fraction", "attention_fraction", "compute_fraction", "psnr",
+             "psnr_per_clip", "ssim", "rel_l2_latents", "seconds", "planned_dense", "fallbacks",
+             "last_clip_schedule", "warnings", "error", "skipped")  # fmt: skip
 
 
 def measure(bench: Bench, label: str, plan) -> dict:
