@@ -39,7 +39,7 @@ def test_every_row_measures_one_plan_for_quality_and_speed(tiny_run):
     plain, cached = rows
     assert plain["tiers"] == ["safe", "balanced", "fast"] and "timed_as" not in plain["speed"]
     # the cached candidate competes for fast only; its auto trigger is timed as the fixed schedule it produced
-    assert cached["tiers"] == ["fast"] and cached["quality"]["last_clip_schedule"] == [1]
+    assert cached["tiers"] == ["safe", "balanced", "fast"] and cached["quality"]["last_clip_schedule"] == [1]
     assert "blocks='fixed' at skip_fraction 0.500" in cached["speed"]["timed_as"]
     assert (
         cached["speed"]["timed_plan_sha256"] != cached["plan_sha256"]
