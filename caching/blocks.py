@@ -276,7 +276,10 @@ class BlockForward:
         keep_prev = cache.config.order >= 1
         for key in (kh, ke):  # order 1: the residual captured before stays as the line's first point
             if keep_prev and key in store:
-                store.rename(key, key[:-1] + (key[-1] + "0",))
+                # A second capture on one step (Heun, DPM++ 2S: two forwards per step) replaces the first and
+                # keeps the older step's point: two points on one step make no line.
+                if store.tag(key) != self.step:
+                    store.rename(key, key[:-1] + (key[-1] + "0",))
             else:
                 store.drop(key[:-1] + (key[-1] + "0",))
             store.drop(key)

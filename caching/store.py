@@ -16,6 +16,7 @@ Storage formats (``storage=``):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -92,13 +93,20 @@ class CacheStore:
         return self.budget_bytes is None or self.total_bytes() - replacing + nbytes <= self.budget_bytes
 
     def fits(self, key: Hashable, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` would fit under ``key`` (replacing what is there) now; counts nothing."""
-        # the bytes per element of one row's encoding (int8 keeps a scale per row): the whole tensor's, scaled
-        payload, scale = self._encode(tensor.detach()[:1])
-        per = (payload.numel() * payload.element_size() + (scale.numel() * scale.element_size() if scale is not None
-               else 0)) / max(1, payload.numel())  # fmt: skip
+        """Whether ``tensor`` would fit under ``key`` (replacing what is there) now; counts nothing, encodes and
+        copies nothing (it is asked on every capture that keeps an older residual)."""
         old = self._entries.get(key)
-        return self._fits(int(per * tensor.numel()), old.nbytes if old is not None else 0)
+        return self._fits(self.stored_bytes(tensor), old.nbytes if old is not None else 0)
+
+    def stored_bytes(self, tensor: torch.Tensor) -> int:
+        """Bytes ``tensor`` takes once stored (as :meth:`put` encodes it; offloading changes no size)."""
+        n = tensor.numel()
+        if self.storage == "int8" and tensor.is_floating_point():
+            # the int8 payload and one fp32 scale per row of the last dimension
+            return n + math.prod(tensor.shape[:-1]) * 4
+        if self.storage == "bf16" and tensor.is_floating_point():
+            return n * 2
+        return n * tensor.element_size()
 
     def note_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.total_bytes())

@@ -28,7 +28,8 @@ def test_cache_config_presets_plan_fields_and_errors(tmp_path):
     cfg = CacheConfig.from_value({"preset": "fast", "threshold": 0.3, "attn_share_layers": [0, -1]})
     assert (
         cfg.blocks == "auto"
-        and cfg.max_skips == 4 and cfg.order == 1
+        and cfg.max_skips == 4
+        and cfg.order == 1
         and cfg.threshold == 0.3
         and cfg.attn_share_layers == (0, -1)
     )
@@ -124,15 +125,17 @@ def test_fixed_and_delta_schedules_skip_the_planned_blocks():
     assert d.cache.stats.recomputes == {}
 
 
-def _linear_run(config, budget=None, steps=6):
+def _linear_run(config, budget=None, steps=6, evals=1, storage="auto"):
     """Blocks whose residuals grow linearly with the step (2 + 3 blocks, text stream in the first list): a
-    first-order extrapolation reproduces them exactly; reusing the last residual is off by a step's growth."""
-    cache = BlockCache(config, CacheStore(budget))
+    first-order extrapolation reproduces them exactly; reusing the last residual is off by a step's growth.
+    ``evals`` forwards per step (ComfyUI's step clock gives both of Heun's / DPM++ 2S's one step); the last
+    one's output is kept."""
+    cache = BlockCache(config, CacheStore(budget, storage=storage))
     cache.set_blocks((2, 3))
     gen = torch.Generator().manual_seed(0)
     h, e = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 1, 4, generator=gen)
     outs, exact = [], []
-    for step in range(steps):
+    for step in [s for s in range(steps) for _ in range(evals)]:
         fwd = cache.begin_forward(step, steps, 0)
         x, y, rx, ry = h, e, h, e
         for i in range(5):
@@ -146,6 +149,8 @@ def _linear_run(config, budget=None, steps=6):
             rx = rx + (i + 1) * step * 0.1
             ry = ry - step * 0.2 if ry is not None else None
         fwd.end()
+        if len(outs) > step:  # a second forward of the step replaces the first
+            del outs[-1], exact[-1]
         outs.append(x)
         exact.append(rx)
     return cache, outs, exact
@@ -173,6 +178,35 @@ def test_order_one_extrapolates_the_residual_from_the_last_two_captures():
         CacheConfig(order=2)
     with pytest.raises(ValueError, match="order must be 0"):
         CacheConfig(order=1.0)
+
+
+def test_order_one_keeps_its_line_when_a_step_runs_twice_and_fits_agrees_with_put():
+    # two forwards per step (Heun, DPM++ 2S in ComfyUI): the second capture of a step replaces the first and
+    # keeps the previous step's residual as the line's first point (two points on one step make no line)
+    base = dict(blocks="fixed", skip_fraction=0.5, first_steps=1, last_steps=1)
+    c1, outs1, exact = _linear_run(CacheConfig(**base, order=1), evals=2)
+    skipped = sorted({s for s, _, n in c1.stats.schedule if n})
+    assert skipped == [2, 4] and c1.stats.extrapolated == 2 * 2 * len(skipped)
+    for s in skipped:
+        torch.testing.assert_close(outs1[s], exact[s])
+    # fits() is put()'s admission without the work: exact bytes for every storage (int8: one fp32 scale per
+    # row), nothing encoded or copied (it runs on every order-1 capture, offloaded or not)
+    for storage in ("auto", "bf16", "int8"):
+        for shape in [(1, 9, 10), (2, 5, 3072 // 64), (3,)]:
+            t = torch.randn(*shape)
+            probe = CacheStore(storage=storage)
+            probe.put("t", t)
+            for budget, fits in ((probe.bytes, True), (probe.bytes - 1, False)):
+                store = CacheStore(budget, storage=storage, offload=True)
+                store._encode = None  # fits must not call it
+                assert store.fits("t", t) is fits, (storage, shape, budget)
+    # an int8 budget that holds exactly one residual set: order 1 falls back to order 0, refusing nothing
+    c0, outs0, _ = _linear_run(CacheConfig(**base), storage="int8")
+    one = c0.store.peak_bytes
+    cb, outsb, _ = _linear_run(CacheConfig(**base, order=1), budget=one, storage="int8")
+    assert cb.store.refused == {} and not cb.stats.recomputes and cb.stats.extrapolated == 0
+    for s in skipped:
+        torch.testing.assert_close(outsb[s], outs0[s])
 
 
 def test_auto_trigger_accumulates_change_per_branch_and_counts_recomputes():
