@@ -39,7 +39,7 @@ class BlockStats:
     skipping_forwards: int = 0  # forwards that skipped at least one block
     blocks_run: int = 0
     blocks_skipped: int = 0
-    extrapolated: int = 0  # skipped ranges whose residual was extrapolated from the last two (order=1)
+    extrapolated: int = 0  # skipping forwards whose residuals were extrapolated from the last two (order=1)
     recomputes: Counter = field(default_factory=Counter)  # wanted to skip, ran the blocks: why
     schedule: list = field(default_factory=list)  # (step, branch, blocks skipped) of the current run
 
@@ -165,6 +165,7 @@ class BlockForward:
         self.skip = skip if skip_range is not None else False
         self.on_skip = on_skip
         self.skipped = 0
+        self.extrapolated = False  # some skipped block list of this forward added an extrapolated residual
         self._mode: dict[int, str] = {}  # block list -> "skip" | "capture" for this forward
         self._inputs: dict[int, tuple] = {}  # block list -> its range input (captures)
         self._probe_in: torch.Tensor | None = None
@@ -213,6 +214,7 @@ class BlockForward:
         stats = self.cache.stats
         if self.skipped:
             stats.skipping_forwards += 1
+            stats.extrapolated += self.extrapolated
             self.state.skips += 1
         stats.schedule.append((self.step, self.branch, self.skipped))
 
@@ -261,8 +263,7 @@ class BlockForward:
         prev = store.get(prev_key, like=like, shape=last.shape)
         if prev is None or t1 is None or t0 is None or t1 <= t0:
             return last
-        if key[-1] == "h":
-            self.cache.stats.extrapolated += 1
+        self.extrapolated = True
         return torch.lerp(prev, last, (self.step - t0) / (t1 - t0))
 
     @torch.compiler.disable
