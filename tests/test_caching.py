@@ -450,5 +450,13 @@ def test_bench_caching_tiny_times_every_row_on_the_same_inputs(tmp_path):
     assert data["meta"]["skip_fraction"] == src["skip_fraction"] and data["meta"]["order"] == 1
     rows = {r["config"]: r for r in data["records"]}
     assert rows["fast+cache"]["cache"]["order"] == 1 and rows["fast+cache"]["blocks_skipped"] > 0
+    # --fraction time-boxes the blocks and every row says so, with the block counts run and in full
+    rc = caching.main(
+        ["--tiny", "--only", "Wan", "--steps", "4", "--peers", "", "--fraction", "0.5", "--out", str(out)]
+    )
+    boxed = [r.get("time_boxed", "") for r in json.loads(out.read_text())["records"]]
+    assert rc == 0 and all(
+        "50% of the blocks ({'num_layers': 1} of {'num_layers': 2})" in b for b in boxed
+    ), boxed
     with pytest.raises(SystemExit, match="no row 'nope'"):
         caching.main(["--tiny", "--skip-fraction-from", f"{cq}:nope"])
