@@ -16,7 +16,7 @@ import torch
 
 from ..attn_kernels.quantize import MODES as QUANT_MODES
 from ..masks.layout import AXIS_ORDERS, TokenLayout
-from ..plans.heads import NO_MAP, QUANT_FROM_PLAN, HeadTable
+from ..plans.heads import NO_MAP, QUANT_FROM_PLAN, HeadTable, unique_maps
 from ..plans.methods import BlockMapConfig, DenseConfig, SkipConfig, StripesConfig
 from ..plans.schema import AttentionPlan
 from .candidates import CandidateSet
@@ -151,8 +151,7 @@ def make_plan(
     quant = torch.full((g, l, h), QUANT_FROM_PLAN, dtype=torch.int8)
     reuse = torch.zeros(g, l, h, dtype=torch.bool)
     map_index = torch.full((g, l, h), NO_MAP, dtype=torch.int32)
-    maps: list[torch.Tensor] = []
-    map_ids: dict[bytes, int] = {}
+    maps: list[torch.Tensor] = []  # bool [n, n] per blockmap head: at most a 16th of the block mass held
     dense = DenseConfig()
     for gi in range(g):
         for li in range(l):
@@ -169,12 +168,8 @@ def make_plan(
                 method[gi, li, hi] = method_id(cand.method)
                 order[gi, li, hi] = AXIS_ORDERS.index(cand.order)
                 if isinstance(cand.method, BlockMapConfig):
-                    bm = cs.block_map(ci, options.block_mass[gi, li, hi])
-                    key = bm.numpy().tobytes()
-                    if key not in map_ids:
-                        map_ids[key] = len(maps)
-                        maps.append(bm)
-                    map_index[gi, li, hi] = map_ids[key]
+                    map_index[gi, li, hi] = len(maps)
+                    maps.append(cs.block_map(ci, options.block_mass[gi, li, hi]))
                 if bits[qi] != "none" and not isinstance(cand.method, SkipConfig):
                     quant[gi, li, hi] = QUANT_MODES.index(bits[qi])
     # The runtime keeps a layer's output for reuse only from kernel rows: a row of exact heads before a
@@ -191,6 +186,9 @@ def make_plan(
                 and not reuse[gi - 1, li].any()
             ):
                 method[gi - 1, li] = method_id(FULL_KERNEL)
+    block_maps = None
+    if maps:
+        block_maps, map_index = unique_maps(torch.stack(maps), map_index)
     table = HeadTable(
         tuple(palette),
         method,
@@ -199,7 +197,7 @@ def make_plan(
         quant_index=quant if bool((quant != QUANT_FROM_PLAN).any()) else None,
         reuse=reuse if bool(reuse.any()) else None,
         map_index=map_index if maps else None,
-        block_maps=torch.stack(maps) if maps else None,
+        block_maps=block_maps,
     )
     return AttentionPlan(method=DenseConfig(), quant="none", block_size=block_size, heads=table)
 

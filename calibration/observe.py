@@ -37,6 +37,7 @@ import torch
 
 from ..attn_kernels.reference import reference_attention
 from ..masks.layout import AXIS_ORDERS, BlockGeometry, TokenLayout
+from ..plans.files import MAX_TENSORS_BYTES, packed_maps_bytes
 from .candidates import CandidateSet, position_blocks, threshold_maps
 
 MASS_TOP_P = 0.9  # PARO concentration: share of key blocks that carry this much of a row's mass
@@ -193,13 +194,19 @@ class CalibrationObserver:
             if self._configs is None and cs.map_orders:
                 n = BlockGeometry(layout, self.block_size).num_blocks
                 g = len(self.step_bounds) - 1
-                size = 16 * g * self.num_layers * self.num_heads * len(cs.map_orders) * n * n
-                if size > MAX_BLOCK_MASS_BYTES:
+                heads = g * self.num_layers * self.num_heads
+                size = 16 * heads * len(cs.map_orders) * n * n
+                # each head may end on a map of its own, all saved in the plan file: known now, not when the
+                # plan is saved after the observation (the block-mass cap alone keeps it under ~16 MiB)
+                file_size = packed_maps_bytes(heads, n)
+                if size > MAX_BLOCK_MASS_BYTES or file_size > MAX_TENSORS_BYTES:
                     warnings.warn(
-                        f"fastattn calibration: block-map candidates left out: their pooled block mass would "
-                        f"take {size / 2**30:.1f} GiB ({g} step groups x {self.num_layers} layers x "
-                        f"{self.num_heads} heads x {len(cs.map_orders)} orders x {n}^2 blocks), over "
-                        f"{MAX_BLOCK_MASS_BYTES / 2**30:g} GiB; use fewer step_groups or a larger block_size",
+                        f"fastattn calibration: block-map candidates left out: for {g} step groups x "
+                        f"{self.num_layers} layers x {self.num_heads} heads at {n}^2 blocks their pooled "
+                        f"block mass would take {size / 2**30:.1f} GiB ({len(cs.map_orders)} orders; at most "
+                        f"{MAX_BLOCK_MASS_BYTES / 2**30:g} GiB) and their maps up to "
+                        f"{file_size / 2**20:.1f} MiB of the plan file (at most "
+                        f"{MAX_TENSORS_BYTES / 2**20:g} MiB); use fewer step_groups or a larger block_size",
                         stacklevel=2,
                     )
                     self.methods = tuple(m for m in self.methods if m != "blockmap")

@@ -13,9 +13,16 @@ A plan directory holds two files:
 
 * ``plan.safetensors`` -- only when ``heads`` is not null: the head table's tensors, each ``[G, L, H]``
   (``method_index`` / ``order_index`` / ``quant_index`` / ``map_index``: signed int8-int64 or uint8;
-  ``reuse``: bool), and ``block_maps`` (bool ``[M, n, n]``) when the table has ``blockmap`` heads.
+  ``reuse``: bool), and ``block_maps_bits`` when the table has ``blockmap`` heads: its block maps
+  (``HeadTable.block_maps``, bool ``[M, n, n]``) bit-packed along the key-block axis as uint8
+  ``[M, n, ceil(n / 8)]``, little-endian bit order -- key block ``k`` of a row is bit ``k % 8`` (value
+  ``1 << (k % 8)``) of byte ``k // 8``, and the padding bits past key block ``n - 1`` are zero. Identical maps
+  are stored once (:func:`~fastattn.plans.heads.unique_maps`; ``map_index`` is remapped). Files written before
+  the packing hold bool ``block_maps`` ``[M, n, n]`` instead; both load into the same bool ``[M, n, n]``.
   ``meta.tensors_sha256`` is its sha256. A plan without a head table has no ``plan.safetensors``
-  (``save_plan`` removes a stale one; loading never reads it).
+  (``save_plan`` removes a stale one; loading never reads it). The file holds at most ``MAX_TENSORS_BYTES``
+  (64 MiB): a map of ``n`` blocks a side takes ``n * ceil(n / 8)`` bytes (8 KiB at ``n = 256``, 106 KiB at
+  ``n = 929``); ``save_plan`` refuses a larger table, saying its size.
 
 Loading never unpickles: the JSON is parsed with caps on size and nesting, NaN/Infinity and duplicate keys
 refused; the safetensors header is checked (names, dtypes, shapes, offsets, sizes) before
@@ -36,10 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..masks.layout import TokenLayout
-from .heads import STORED_TENSORS, TENSOR_KINDS, HeadTable
+from .heads import TABLE_TENSORS, TENSOR_KINDS, HeadTable, unique_maps
 from .meta import ModelFingerprint, PlanMeta
 from .methods import describe, method_from_name
 from .schema import AttentionPlan
@@ -50,13 +58,18 @@ FORMAT = "fastattn-plan"
 FORMAT_VERSION = 1
 MAX_JSON_BYTES = 1 << 20  # a header is a few KiB; a calibrated palette a few hundred entries
 MAX_JSON_DEPTH = 16
+# Loading reads the whole file and unpacks maps 8 bytes per stored byte: 64 MiB is at most 512 MiB in memory.
 MAX_TENSORS_BYTES = 64 << 20
 MAX_ST_HEADER_BYTES = 64 << 10
 MAX_TABLE_DIM = 1 << 14  # per axis of [G, L, H]
 MAX_PALETTE = 1024
 _INDEX_DTYPES = {"I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1}  # safetensors dtype -> bytes per element
 _KIND_DTYPES = {"index": _INDEX_DTYPES, "bool": {"BOOL": 1}}
-_TENSOR_DTYPES = {name: _KIND_DTYPES[kind] for name, kind in TENSOR_KINDS.items()}
+PACKED_MAPS = "block_maps_bits"  # the table's block_maps, 8 key blocks a byte
+_TENSOR_DTYPES = {name: _KIND_DTYPES[kind] for name, kind in TENSOR_KINDS.items()} | {PACKED_MAPS: {"U8": 1}}
+# what plan.safetensors may hold: the table's [G, L, H] tensors and its maps, packed or (older files) bool
+FILE_TENSORS = TABLE_TENSORS + (PACKED_MAPS, "block_maps")
+_SHAPES = {PACKED_MAPS: "[maps, blocks, ceil(blocks / 8)]", "block_maps": "[maps, blocks, blocks]"}
 _HEADER_KEYS = {"format", "format_version", "plan", "heads", "meta"}
 _HEADS_KEYS = {"methods", "step_bounds", "tensors"}
 GRID_METHODS = frozenset({"window3d", "radial", "multi_diagonal"})  # methods whose masks follow the grid
@@ -89,8 +102,10 @@ class LoadedPlan:
 def save_plan(plan: AttentionPlan, directory, meta: PlanMeta | None = None) -> Path:
     """Write ``plan`` as ``directory/plan.json`` (+ ``plan.safetensors`` when it has a head table).
 
-    ``meta.tensors_sha256`` is filled in. The files are read back through :func:`load_plan` before
-    returning, so nothing is written that cannot be loaded. Returns the directory.
+    ``meta.tensors_sha256`` is filled in; identical block maps are stored once. The files are read back
+    through :func:`load_plan` before returning, so nothing is written that cannot be loaded. Returns the
+    directory. Raises ``ValueError`` (writing nothing) when the head table's tensors would take more than
+    ``MAX_TENSORS_BYTES``.
     """
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"save_plan takes an AttentionPlan, got {type(plan).__name__}")
@@ -105,7 +120,13 @@ def save_plan(plan: AttentionPlan, directory, meta: PlanMeta | None = None) -> P
         from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in plan.heads.tensors().items()}
+        maps = tensors.pop("block_maps", None)
+        if maps is not None:
+            maps, tensors["map_index"] = unique_maps(maps, tensors["map_index"])
+            tensors[PACKED_MAPS] = pack_block_maps(maps)
         blob = save(tensors)
+        if len(blob) > MAX_TENSORS_BYTES:
+            raise ValueError(_too_large(len(blob), maps))
         heads = {"methods": [describe(m) for m in plan.heads.methods], "step_bounds": list(plan.heads.step_bounds),
                  "tensors": sorted(tensors)}  # fmt: skip
     meta = dataclasses.replace(meta, tensors_sha256=hashlib.sha256(blob).hexdigest() if blob else None)
@@ -142,6 +163,59 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------ block maps
+
+
+def packed_maps_bytes(num_maps: int, num_blocks: int) -> int:
+    """Bytes ``num_maps`` block maps of ``num_blocks`` blocks a side take in ``plan.safetensors``."""
+    return num_maps * num_blocks * ((num_blocks + 7) // 8)
+
+
+def pack_block_maps(maps: torch.Tensor) -> torch.Tensor:
+    """bool ``[M, n, n]`` -> uint8 ``[M, n, ceil(n / 8)]``: key block ``k`` is bit ``k % 8`` (least
+    significant first) of byte ``k // 8``; padding bits past ``n`` are zero."""
+    return torch.from_numpy(np.packbits(maps.detach().cpu().numpy(), axis=-1, bitorder="little"))
+
+
+def unpack_block_maps(bits: torch.Tensor, where: str) -> torch.Tensor:
+    """uint8 ``[M, n, ceil(n / 8)]`` (what :func:`pack_block_maps` writes) -> bool ``[M, n, n]``; anything
+    else, or a padding bit set, raises :class:`PlanFileError`."""
+    if bits.dtype != torch.uint8 or bits.dim() != 3:
+        raise PlanFileError(
+            f"{where}: {PACKED_MAPS} must be uint8 [maps, blocks, ceil(blocks / 8)], got {bits.dtype} "
+            f"{tuple(bits.shape)}"
+        )
+    _, n, width = bits.shape
+    if width != (n + 7) // 8:
+        raise PlanFileError(
+            f"{where}: {PACKED_MAPS} has shape {tuple(bits.shape)}: rows of {n} key blocks take "
+            f"{(n + 7) // 8} bytes, not {width} (expected [maps, {n}, {(n + 7) // 8}])"
+        )
+    if n % 8:
+        stray = (bits[..., -1] >> (n % 8)) != 0
+        if bool(stray.any()):
+            m, q = stray.nonzero()[0].tolist()
+            raise PlanFileError(
+                f"{where}: {PACKED_MAPS}[{m}] sets padding bits past key block {n - 1} in query block {q}; "
+                "they must be zero (a corrupt file, or not written by fastattn)"
+            )
+    # unpackbits gives one 0/1 byte per block: the bytes of a bool tensor, viewed without a copy
+    return torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=n, bitorder="little")).view(torch.bool)
+
+
+def _too_large(nbytes: int, maps: torch.Tensor | None) -> str:
+    what = f"{PLAN_TENSORS} would take {nbytes} bytes ({nbytes / 2**20:.1f} MiB"
+    if maps is not None:
+        m, n = maps.shape[0], maps.shape[-1]
+        what += (f", of which {m} distinct block maps of {n} x {n} blocks take {packed_maps_bytes(m, n)}: "
+                 f"{packed_maps_bytes(1, n)} bytes each")  # fmt: skip
+    return (
+        f"{what}), more than a plan file may hold ({MAX_TENSORS_BYTES} bytes, {MAX_TENSORS_BYTES >> 20} "
+        "MiB). Calibrate with fewer step groups (step_groups=) or a larger block_size (a map of n blocks a "
+        "side takes n * ceil(n / 8) bytes), or without 'blockmap' heads"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -317,6 +391,8 @@ def _build(header, where: str, read_tensors: Callable[[], tuple[bytes, str]]):
                 f"in {PLAN_JSON} (a modified or corrupt tensor file)"
             )
         tensors = _load_tensors(blob, names, twhere)
+        if PACKED_MAPS in tensors:
+            tensors["block_maps"] = unpack_block_maps(tensors.pop(PACKED_MAPS), twhere)
         try:
             table = HeadTable(methods, step_bounds=bounds, **tensors)
         except (TypeError, ValueError) as e:
@@ -356,17 +432,18 @@ def _heads_header(heads, where: str):
         raise PlanFileError(f"{where}: heads.step_bounds must be a list of 2..{MAX_TABLE_DIM + 1} numbers")
     names = heads["tensors"]
     if (not isinstance(names, list) or "method_index" not in names or len(set(names)) != len(names)
-            or not set(names) <= set(STORED_TENSORS)):  # fmt: skip
+            or not set(names) <= set(FILE_TENSORS) or {PACKED_MAPS, "block_maps"} <= set(names)):  # fmt: skip
         raise PlanFileError(
-            f"{where}: heads.tensors must list distinct names among {list(STORED_TENSORS)} including "
-            f"'method_index', got {names!r}"
+            f"{where}: heads.tensors must list distinct names among {list(FILE_TENSORS)} including "
+            f"'method_index' (and at most one of {PACKED_MAPS!r} / 'block_maps'), got {names!r}"
         )
     return methods, bounds, names
 
 
 def _load_tensors(blob: bytes, names: list[str], where: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, after checking its header declares exactly ``names`` with the
-    expected dtypes, ``[G, L, H]`` shapes within ``MAX_TABLE_DIM`` and offsets tiling the data exactly."""
+    expected dtypes, 3-dimensional shapes (``[G, L, H]``, the maps' ``[M, n, n]`` or packed
+    ``[M, n, ceil(n / 8)]``) within ``MAX_TABLE_DIM`` and offsets tiling the data exactly."""
     if len(blob) < 8:
         raise PlanFileError(f"{where}: {len(blob)} bytes, truncated (a safetensors file starts with 8)")
     n = int.from_bytes(blob[:8], "little")
@@ -398,9 +475,9 @@ def _load_tensors(blob: bytes, names: list[str], where: str) -> dict[str, torch.
         shape = info["shape"]
         if (not isinstance(shape, list) or len(shape) != 3
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_TABLE_DIM for d in shape)):  # fmt: skip
+            want = _SHAPES.get(name, "[groups, layers, heads]")
             raise PlanFileError(
-                f"{where}: tensor {name!r} has shape {shape!r}, expected [groups, layers, heads] "
-                f"each in 1..{MAX_TABLE_DIM}"
+                f"{where}: tensor {name!r} has shape {shape!r}, expected {want} each in 1..{MAX_TABLE_DIM}"
             )
         offs = info["data_offsets"]
         nbytes = math.prod(shape) * sizes[info["dtype"]]

@@ -7,7 +7,8 @@ tables; a structural preset is the special case "one method for every head" and 
 
 A ``blockmap`` head (PARO's calibrated mask) reads its blocks from ``block_maps`` (bool ``[M, n, n]``, the
 calibrated layout's ``n`` blocks, in the head's axis order), row ``map_index[g, l, h]``: the maps are data of
-the table, saved beside the index tensors.
+the table, saved beside the index tensors (bit-packed in the file, see :mod:`fastattn.plans.files`).
+:func:`unique_maps` stores identical maps once (many heads, layers and step groups end on the same map).
 
 Tensors, not Python lists per layer: the table is saved as-is in a plan file's safetensors, and the
 runtime turns each distinct (group, layer) row into one cached piece of per-head work.
@@ -15,6 +16,7 @@ runtime turns each distinct (group, layer) row into one cached piece of per-head
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +216,30 @@ class HeadTable:
             "reuse_heads": int(self.reuse.sum()) if self.reuse is not None else 0,
             "block_maps": 0 if self.block_maps is None else self.block_maps.shape[0],
         }
+
+
+def unique_maps(block_maps: torch.Tensor, map_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identical block maps stored once: ``(maps, map_index)``.
+
+    ``block_maps``: bool ``[M, n, n]``; ``map_index``: int ``[G, L, H]`` into it, ``-1`` for no map. Each
+    distinct map is kept at its first occurrence, in order (a table without duplicates comes back as it was),
+    and ``map_index`` (same dtype) points into the kept maps. Maps no head names are kept too.
+    """
+    first: dict[bytes, int] = {}  # digest of a map -> its row among the kept maps
+    keep: list[int] = []
+    new_row: list[int] = []
+    for i, m in enumerate(block_maps):
+        # a digest as the key, not the map's bytes: a map holds n * n bytes (a MiB at n = 1024)
+        key = hashlib.sha256(m.detach().cpu().contiguous().numpy().tobytes()).digest()
+        if key not in first:
+            first[key] = len(keep)
+            keep.append(i)
+        new_row.append(first[key])
+    if len(keep) == len(block_maps):
+        return block_maps, map_index
+    rows = torch.tensor(new_row, dtype=map_index.dtype, device=map_index.device)
+    index = torch.where(map_index >= 0, rows[map_index.clamp_min(0).long()], map_index)
+    return block_maps[keep], index
 
 
 def _kind(x) -> str:

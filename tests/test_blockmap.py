@@ -12,7 +12,17 @@ from fastattn.masks import TokenLayout, head_permutations
 from fastattn.masks.block_mask import BlockMask
 from fastattn.masks.layout import BlockGeometry
 from fastattn.plans import AttentionPlan, BandConfig, BlockMapConfig, DenseConfig, HeadTable, build_mask
-from fastattn.plans.files import PLAN_JSON, PlanFileError, PlanMismatchError, load_plan, save_plan
+from fastattn.plans.files import (
+    PLAN_JSON,
+    PlanFileError,
+    PlanMismatchError,
+    load_plan,
+    pack_block_maps,
+    packed_maps_bytes,
+    save_plan,
+    unpack_block_maps,
+)
+from fastattn.plans.heads import unique_maps
 from fastattn.plans.meta import ModelFingerprint, PlanMeta
 
 LAYOUT = TokenLayout.video(4, 8, 8, text_len=10, text_first=True)  # 266 tokens: 2 text + 32 image blocks of 8
@@ -90,6 +100,150 @@ def test_block_maps_round_trip_through_a_plan_file(tmp_path):
     (bad / PLAN_JSON).write_text(json.dumps(header))
     with pytest.raises(PlanFileError, match="does not fit its own meta.layout"):
         load_plan(bad)
+
+
+def _rewrite_tensors(d, tensors: dict) -> None:
+    """Replace ``d``'s plan.safetensors by ``tensors`` and fix plan.json's tensor list and sha256 to match
+    (what a writer of another format, or a corruption that kept the digest consistent, would leave)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    (d / "plan.safetensors").write_bytes(blob)
+    header = json.loads((d / PLAN_JSON).read_text())
+    header["heads"]["tensors"] = sorted(tensors)
+    header["meta"]["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    (d / PLAN_JSON).write_text(json.dumps(header))
+
+
+def _stored(d) -> dict:
+    from safetensors.torch import load
+
+    return load((d / "plan.safetensors").read_bytes())  # a copy: load_file's mmap would see later rewrites
+
+
+def test_packed_block_maps_round_trip_at_any_block_count():
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 8, 9, 13, 34, 64):
+        maps = torch.rand(3, n, n, generator=g) < 0.4
+        bits = pack_block_maps(maps)
+        assert bits.dtype == torch.uint8 and tuple(bits.shape) == (3, n, (n + 7) // 8)
+        if n % 8:
+            assert not (bits[..., -1] >> (n % 8)).any()  # padding bits are zero
+        assert torch.equal(unpack_block_maps(bits, "x"), maps)
+        assert unpack_block_maps(bits, "x").dtype == torch.bool
+    assert packed_maps_bytes(3, 34) == pack_block_maps(torch.ones(3, 34, 34, dtype=torch.bool)).numel()
+    # little-endian bit order: key block k is bit k % 8 of byte k // 8
+    row = torch.zeros(1, 1, 10, dtype=torch.bool)
+    row[0, 0, [1, 8]] = True
+    assert pack_block_maps(row).flatten().tolist() == [0b10, 0b1]
+
+
+def test_plan_files_store_block_maps_bit_packed(tmp_path):
+    maps = _random_maps(2)
+    plan = AttentionPlan(block_size=BS, heads=_table(maps))
+    stored = _stored(save_plan(plan, tmp_path / "p", PlanMeta(model=FP, layout=LAYOUT)))
+    assert "block_maps" not in stored and N % 8  # 34 blocks: a ragged last byte
+    bits = stored["block_maps_bits"]
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (2, N, (N + 7) // 8)
+    assert torch.equal(unpack_block_maps(bits, "x"), maps)
+
+
+def test_old_plan_files_with_bool_block_maps_still_load(tmp_path):
+    maps = _random_maps(2)
+    plan = AttentionPlan(block_size=BS, heads=_table(maps))
+    d = save_plan(plan, tmp_path / "old", PlanMeta(model=FP, layout=LAYOUT))
+    _rewrite_tensors(d, plan.heads.tensors())  # what fastattn wrote before packing: bool block_maps [M, n, n]
+    assert _stored(d)["block_maps"].dtype == torch.bool
+    back = load_plan(d, fingerprint=FP, layout=LAYOUT).plan.heads
+    assert torch.equal(back.block_maps, maps) and torch.equal(back.map_index, plan.heads.map_index)
+    # saved again, the same table in the packed format
+    new = save_plan(load_plan(d).plan, tmp_path / "new", PlanMeta(model=FP, layout=LAYOUT))
+    again = load_plan(new).plan.heads
+    assert "block_maps_bits" in _stored(tmp_path / "new") and torch.equal(again.block_maps, maps)
+
+
+def test_corrupt_packed_block_maps_are_refused(tmp_path):
+    maps = _random_maps(2)
+    plan = AttentionPlan(block_size=BS, heads=_table(maps))
+    d = save_plan(plan, tmp_path / "p", PlanMeta(model=FP, layout=LAYOUT))
+    good = _stored(d)
+    bits = good["block_maps_bits"]
+
+    def refused(match, bad_bits=None, **more):
+        tensors = good | more | ({"block_maps_bits": bad_bits} if bad_bits is not None else {})
+        _rewrite_tensors(d, tensors)
+        with pytest.raises(PlanFileError, match=match):
+            load_plan(d)
+
+    padded = bits.clone()
+    padded[1, 7, -1] |= 0x80  # key block 39 of a row of 34: a padding bit
+    refused(r"block_maps_bits\[1\] sets padding bits past key block 33 in query block 7", padded)
+    refused(r"rows of 34 key blocks take 5 bytes, not 4", bits[..., :4].clone())
+    refused(r"dtype 'I8', expected one of \['U8'\]", bits.to(torch.int8))
+    refused(r"at most one of 'block_maps_bits' / 'block_maps'", block_maps=maps)
+    holed = bits.clone()
+    holed[0, 3] = 0
+    refused(r"block_maps\[0\] leaves query block 3 with no key block", holed)
+    _rewrite_tensors(d, good)
+    assert torch.equal(load_plan(d).plan.heads.block_maps, maps)
+
+
+def test_identical_maps_are_stored_once():
+    maps = _random_maps(3)
+    dup = torch.stack([maps[0], maps[1], maps[0], maps[2], maps[1]])
+    index = torch.tensor([[[4, 0, -1], [2, 3, 1]], [[-1, 2, 4], [0, -1, 3]]], dtype=torch.int16)
+    kept, new = unique_maps(dup, index)
+    assert torch.equal(kept, maps) and new.dtype == index.dtype
+    assert new.tolist() == [[[1, 0, -1], [0, 2, 1]], [[-1, 0, 1], [0, -1, 2]]]
+    for i, j in zip(index.flatten().tolist(), new.flatten().tolist()):
+        assert (i < 0 and j < 0) or torch.equal(dup[i], kept[j])  # every head keeps its map
+    same, same_index = unique_maps(maps, index.clamp(max=2))
+    assert same is maps and same_index is not None and torch.equal(same_index, index.clamp(max=2))
+
+
+def test_saving_stores_identical_maps_once(tmp_path):
+    maps = _random_maps(2)
+    table = _table(torch.stack([maps[0], maps[0], maps[1]]))  # heads 0 and 1 name maps 0 and 1: the same map
+    d = save_plan(AttentionPlan(block_size=BS, heads=table), tmp_path / "p", PlanMeta(model=FP))
+    assert _stored(d)["block_maps_bits"].shape[0] == 2
+    back = load_plan(d).plan.heads
+    assert back.map_index[0, 0].tolist() == [0, 0, -1, -1]
+    assert torch.equal(back.block_maps, maps)
+    assert back.heads_at(0, 1) == table.heads_at(0, 1)
+
+
+def test_saving_a_table_over_the_file_limit_says_its_size_and_what_to_do(tmp_path, monkeypatch):
+    import fastattn.plans.files as files
+
+    monkeypatch.setattr(files, "MAX_TENSORS_BYTES", 300)
+    d = tmp_path / "big"
+    with pytest.raises(ValueError) as e:
+        save_plan(AttentionPlan(block_size=BS, heads=_table(_random_maps(2))), d, PlanMeta(model=FP))
+    msg = str(e.value)
+    assert f"2 distinct block maps of {N} x {N} blocks take {packed_maps_bytes(2, N)}" in msg
+    assert "more than a plan file may hold (300 bytes" in msg
+    assert "fewer step groups" in msg and "larger block_size" in msg
+    assert not (d / PLAN_JSON).exists() and not (d / "plan.safetensors").exists()  # nothing written
+
+
+def test_calibration_leaves_block_maps_out_early_when_their_plan_file_could_not_hold_them(monkeypatch):
+    """Every head may end on a map of its own: when the plan file could not hold them, the observer says so at
+    the first call instead of the plan failing to save after the observation."""
+    import fastattn.calibration.observe as observe
+
+    layout = TokenLayout.video(3, 4, 6, text_len=10)
+    n = BlockGeometry(layout, 16).num_blocks
+    obs = observe.CalibrationObserver(("blockmap", "band"), 2, 3, (0.0, 0.5, 1.0), 2, ("none",), 16)
+    monkeypatch.setattr(observe, "MAX_TENSORS_BYTES", packed_maps_bytes(2 * 2 * 3, n) - 1)
+    with pytest.warns(UserWarning, match=r"block-map candidates left out.*plan file.*fewer step_groups"):
+        cs = obs.candidate_set(layout)
+    assert not cs.map_orders and "blockmap" not in obs.methods
+    monkeypatch.setattr(observe, "MAX_TENSORS_BYTES", packed_maps_bytes(2 * 2 * 3, n))
+    fits = observe.CalibrationObserver(("blockmap", "band"), 2, 3, (0.0, 0.5, 1.0), 2, ("none",), 16)
+    assert fits.candidate_set(layout).map_orders
 
 
 def test_old_plan_files_without_maps_still_load(tmp_path):
