@@ -22,16 +22,19 @@ _GEOM_CACHE: dict = {}
 
 
 def _geometry(layout: TokenLayout, block_size: int, device: torch.device):
+    """Per (layout, block size, device), built once: block sizes, their logs, the text-block segment split,
+    the block ranks ``0..n-1`` and the ``[n, n]`` blocks every selection keeps (the diagonal, text rows and
+    columns)."""
     key = (layout, block_size, device)
     hit = _GEOM_CACHE.get(key)
     if hit is None:
         geom = BlockGeometry(layout, block_size)
         starts, ends = geom.bounds()
-        hit = (
-            (ends - starts).to(device=device, dtype=torch.float32),
-            geom.is_text().to(device),
-            int(geom.layout.split),
-        )
+        sizes = (ends - starts).to(device=device, dtype=torch.float32)
+        is_text = geom.is_text().to(device)
+        n = sizes.numel()
+        always = torch.eye(n, dtype=torch.bool, device=device) | is_text[None, :] | is_text[:, None]
+        hit = (sizes, sizes.log(), int(geom.layout.split), torch.arange(n, device=device), always)
         if len(_GEOM_CACHE) > 64:
             _GEOM_CACHE.clear()
         _GEOM_CACHE[key] = hit
@@ -57,7 +60,9 @@ def _pool(x: torch.Tensor, split: int, block_size: int) -> torch.Tensor:
 
 
 def _sample_plan(layout: TokenLayout, block_size: int, rows: int, group: int, device):
-    """Sampled query rows per block ``[nQ * rows]`` and the key-group id of every token ``[S]``."""
+    """Sampled query rows per block ``[nQ * rows]``, the key-group id of every token ``[S]``, the tokens per
+    group ``[G]`` (its clamped ``[G, 1]`` divisor and ``log`` score bias, -inf for empty groups), and groups per
+    block (built once per layout and device)."""
     key = ("sample", layout, block_size, rows, group, device)
     hit = _GEOM_CACHE.get(key)
     if hit is None:
@@ -69,8 +74,10 @@ def _sample_plan(layout: TokenLayout, block_size: int, rows: int, group: int, de
         owner = torch.repeat_interleave(torch.arange(len(starts)), sizes)
         offset = torch.arange(layout.seq_len) - starts[owner]
         gid = owner * per_block + offset // group
-        counts = torch.bincount(gid, minlength=len(starts) * per_block).float()
-        hit = (pos.flatten().to(device), gid.to(device), counts.to(device), per_block)
+        counts = torch.bincount(gid, minlength=len(starts) * per_block).float().to(device)
+        divisor = counts.clamp(min=1)[:, None]
+        bias = torch.where(counts > 0, divisor[:, 0].log(), float("-inf"))
+        hit = (pos.flatten().to(device), gid.to(device), counts, divisor, bias, per_block)
         if len(_GEOM_CACHE) > 64:
             _GEOM_CACHE.clear()
         _GEOM_CACHE[key] = hit
@@ -84,17 +91,16 @@ def _sampled_block_mass(q, k, layout, block_size, scale, rows, group) -> torch.T
     score gets ``+ log(group size)``, so the softmax over groups approximates the softmax over tokens.
     Heads are processed in chunks to bound the score matrix's memory.
     """
-    pos, gid, counts, per_block = _sample_plan(layout, block_size, rows, group, q.device)
+    pos, gid, counts, divisor, bias, per_block = _sample_plan(layout, block_size, rows, group, q.device)
     b, h, s, d = k.shape
     n = len(counts) // per_block
-    bias = torch.where(counts > 0, counts.clamp(min=1).log(), float("-inf"))
     out = torch.empty(b, h, n, n, device=q.device, dtype=torch.float32)
     chunk = max(1, (1 << 27) // max(1, b * pos.numel() * len(counts)))
     for h0 in range(0, h, chunk):
         hs = slice(h0, min(h, h0 + chunk))
         kp = torch.zeros(b, hs.stop - h0, len(counts), d, device=q.device, dtype=torch.float32)
         kp.index_add_(2, gid, k[:, hs].float())
-        kp /= counts.clamp(min=1)[:, None]
+        kp /= divisor
         scores = (q[:, hs].index_select(2, pos).float() @ kp.transpose(-1, -2)) * scale + bias
         mass = scores.softmax(-1).view(b, hs.stop - h0, n, rows, n, per_block).sum(-1).mean(3)
         out[:, hs] = mass
@@ -122,7 +128,7 @@ def select_blocks(
     Returns:
         A ``[B, H, nQ, nK]``-shaped :class:`BlockMask` on q's device.
     """
-    sizes, is_text, split = _geometry(layout, block_size, q.device)
+    sizes, log_sizes, split, rank, always = _geometry(layout, block_size, q.device)
     n = sizes.numel()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if config.estimator == "sampled":
@@ -130,17 +136,15 @@ def select_blocks(
     else:
         qp = _pool(q, split, block_size) / sizes[:, None]
         kp = _pool(k, split, block_size) / sizes[:, None]
-        probs = ((qp @ kp.transpose(-1, -2)) * scale + sizes.log()).softmax(-1)
+        probs = ((qp @ kp.transpose(-1, -2)) * scale + log_sizes).softmax(-1)
     sorted_p, order = probs.sort(-1, descending=True)
     # Keep a block while the mass before it is below top_p (so the block crossing top_p is kept).
     keep = (sorted_p.cumsum(-1) - sorted_p) < config.top_p
-    rank = torch.arange(n, device=q.device)
     k_min = min(n, math.ceil(config.min_density * n))
     k_max = max(1, min(n, math.floor(config.max_density * n)), k_min)
     keep = (keep | (rank < k_min)) & (rank < k_max)
     block_map = torch.zeros_like(keep).scatter_(-1, order, keep)
-    block_map |= torch.eye(n, dtype=torch.bool, device=q.device)
-    block_map |= is_text[None, :] | is_text[:, None]
+    block_map |= always
     counts = block_map.sum(-1, dtype=torch.int32)
     # Stable sort of "not selected" lists the selected key blocks first, ascending.
     indices = torch.sort((~block_map).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)

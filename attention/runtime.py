@@ -17,7 +17,7 @@ import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -99,16 +99,38 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class HeadGroup:
+    """One kernel call of a head-table row: the heads that share a bit-width.
+
+    Args:
+        quant: the kernel's quant mode for these heads.
+        heads: int64 ``[h]`` head indices of the call, or None for every head.
+        mask: the row's block lists for these heads (on the host: the kernel layer checks a mask once and
+            keeps its device copy).
+        perm: int32 ``[h, S]`` token permutation of these heads (PARO axis orders) or None.
+    """
+
+    quant: str
+    heads: torch.Tensor | None
+    mask: BlockMask
+    perm: torch.Tensor | None
+
+
+@dataclass(frozen=True)
 class HeadWork:
-    """What one self-attention call computes, per head (built once per table row and layout).
+    """What one self-attention call computes, per head (built once per table row and layout, on the host).
+
+    Everything a call needs is here, so a call reads no tensor values back (no device sync on a GPU).
 
     Args:
         mask: ``[1, H, nQ, maxK]`` block lists (head-shared ``[.., 1, ..]`` for a uniform plan).
         perm: ``[H, S]`` token permutation (PARO axis orders) or None.
-        groups: ``(quant mode, head indices or None for all heads)`` — one kernel call per bit-width, for
-            the heads computed when the reused heads have a cached output.
+        groups: one :class:`HeadGroup` per bit-width, for the heads computed when the reused heads have a
+            cached output.
         all_groups: the same for every head (when nothing is cached yet).
-        reuse: bool ``[H]`` of heads that return their cached output, or None.
+        reused: int64 head indices that return their cached output, or None.
+        density: block density of the call when every head is computed; ``density_reusing`` when the reused
+            heads come from the cache (they count as zero work).
         all_dense: every head runs the model's exact dense attention (no kernel needed).
         dense_heads: ``(reason, heads)`` for heads the plan gives a method that cannot serve this layout,
             computed with a full mask instead (counted per call in the stats' notes).
@@ -116,11 +138,29 @@ class HeadWork:
 
     mask: BlockMask
     perm: torch.Tensor | None
-    groups: tuple[tuple[str, torch.Tensor | None], ...]
-    all_groups: tuple[tuple[str, torch.Tensor | None], ...]
-    reuse: torch.Tensor | None = None
+    groups: tuple[HeadGroup, ...]
+    all_groups: tuple[HeadGroup, ...]
+    reused: torch.Tensor | None
+    density: float
+    density_reusing: float
     all_dense: bool = False
     dense_heads: tuple[tuple[str, int], ...] = ()
+
+    def to(self, device: torch.device) -> HeadWork:
+        """This work with its head indices on ``device``: copied on the first call there, then kept (a call
+        copies nothing). Masks and permutations stay on the host: the kernel layer keeps their device copies."""
+        if device.type == "cpu":
+            return self
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if device not in copies:
+
+            def move(groups):
+                return tuple(g if g.heads is None else replace(g, heads=g.heads.to(device)) for g in groups)
+
+            reused = None if self.reused is None else self.reused.to(device)
+            groups, all_groups = move(self.groups), move(self.all_groups)
+            copies[device] = replace(self, groups=groups, all_groups=all_groups, reused=reused)
+        return copies[device]
 
 
 class AttentionRuntime:
@@ -150,11 +190,16 @@ class AttentionRuntime:
         self.stats = AttentionStats()
         self.masks = MaskCache()
         self._head_work: OrderedDict = OrderedDict()
+        self._perms: OrderedDict = OrderedDict()  # (layout, axis orders) -> [H, S] permutation
+        # layers whose head-table rows reuse a head at some step: their outputs are kept for the next step
+        table = plan.heads
+        layers = range(table.num_layers) if table is not None else ()
+        self._reuse_layers = frozenset(layer for layer in layers if table.reuses_anywhere(layer))
         # Residual sharing (WA-RS): (layer, CFG pass) -> dense - sparse output at the last exact step.
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self.residual_steps: dict[tuple[int, int], int] = {}  # (layer, CFG pass) -> step of its last capture
         self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
-        # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask).
+        # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask, density).
         self.selections: dict[tuple[int, int], tuple] = {}
         # Head-wise reuse (plan.heads.reuse): (layer, CFG pass) -> the layer's last output [B, H, S, D].
         self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -233,6 +278,7 @@ class AttentionRuntime:
         self.reset_run()
         self.masks.clear()
         self._head_work.clear()
+        self._perms.clear()
 
     def residual_bytes(self) -> int:
         return sum(r.numel() * r.element_size() for r in self.residuals.values())
@@ -529,17 +575,47 @@ class AttentionRuntime:
             reuse.append(bool(reuse_h))
         all_dense = all(isinstance(table.methods[m], DenseConfig) for m, *_ in row) and set(quants) == {"none"}
         mask = BlockMask.stack_heads(masks) if len(set(map(id, masks))) > 1 else masks[0]
-        perm = head_permutations(layout, orders) if any(o != "FHW" for o in orders) else None
+        reordered = any(o != "FHW" for o in orders)
+        perm = self._perm(layout, orders) if reordered else None
+
+        def groups(skip: list[bool]) -> tuple[HeadGroup, ...]:
+            """One kernel call per bit-width over the heads not skipped."""
+            out = []
+            for mode in dict.fromkeys(quants):
+                idx = [i for i, m in enumerate(quants) if m == mode and not skip[i]]
+                if len(idx) == len(quants):
+                    out.append(HeadGroup(mode, None, mask, perm))
+                elif idx:
+                    sub_perm = self._perm(layout, [orders[i] for i in idx]) if reordered else None
+                    heads = torch.tensor(idx)
+                    out.append(HeadGroup(mode, heads, _select_heads(mask, heads), sub_perm))
+            return tuple(out)
+
+        heads = len(row)
+        density = _computed_density(mask, torch.ones(heads, dtype=torch.bool), heads)
         return HeadWork(
             mask,
             perm,
-            _quant_groups(quants, reuse),
-            _quant_groups(quants, [False] * len(quants)),
-            torch.tensor(reuse) if any(reuse) else None,
+            groups(reuse),
+            groups([False] * heads),
+            torch.tensor(reuse).nonzero().flatten() if any(reuse) else None,
+            density,
+            _computed_density(mask, ~torch.tensor(reuse), heads) if any(reuse) else density,
             all_dense and not any(reuse),
             ((f"blockmap heads on a layout of another block grid than calibrated ({table.map_blocks} blocks): "
               "computed with a full mask", unfit),) if unfit else (),
         )  # fmt: skip
+
+    def _perm(self, layout: TokenLayout, orders: list[str]) -> torch.Tensor:
+        """int32 ``[H, S]`` permutation of these axis orders: one tensor per (layout, orders), shared by every row
+        and head group with them (the kernel layer checks a permutation and copies it to the device once)."""
+        key = (layout, tuple(orders))
+        perm = self._perms.get(key)
+        if perm is None:
+            perm = self._perms[key] = head_permutations(layout, orders)
+            if len(self._perms) > 1024:
+                self._perms.popitem(last=False)
+        return perm
 
     def _map_mask(self, map_i: int, layout: TokenLayout) -> BlockMask | None:
         """A ``blockmap`` head's mask: its stored map (already in the head's axis order), or None when the
@@ -559,8 +635,7 @@ class AttentionRuntime:
                     # the selection pools every query and key block of the whole sequence
                     qs, ks = call.shard.ring.full(q, 2), call.shard.ring.full(k, 2)
                     self.stats.parallel_fallbacks["ring: dynamic selection: Q/K all-gathered to select"] += 1
-                mask = self._selection(select, qs, ks, call)
-                density = mask.block_density_tensor()  # summed on the device: no host sync per call
+                mask, density = self._selection(select, qs, ks, call)
             else:
                 mask = self.masks.get(plan.method, call.layout, plan.block_size)
                 density = mask.block_density()
@@ -600,45 +675,41 @@ class AttentionRuntime:
     def _per_head(self, q, k, v, call, work: HeadWork):
         """Run a head table's row: one kernel call per bit-width group, reused heads from the cache."""
         slot = (call.layer, call.ctx.cfg_branch)
-        reuse, groups = work.reuse, work.groups
-        cached = self.head_outputs.get(slot) if reuse is not None else None
-        if reuse is not None and (cached is None or cached.shape != q.shape[:3] + v.shape[-1:]):
+        work = work.to(q.device)
+        reused, groups, density = work.reused, work.groups, work.density_reusing
+        cached = self.head_outputs.get(slot) if reused is not None else None
+        if reused is not None and (cached is None or cached.shape != q.shape[:3] + v.shape[-1:]):
             self.stats.notes["head reuse with nothing cached yet: computed"] += 1
-            reuse, groups = None, work.all_groups
-        out = torch.empty(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device) if (
-            len(groups) != 1 or groups[0][1] is not None
-        ) else None
+            reused, groups, density = None, work.all_groups, work.density
+        whole = len(groups) == 1 and groups[0].heads is None  # one kernel call returns the whole output
+        out = None if whole else torch.empty(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
         fallback = None
-        computed = torch.zeros(q.shape[1], dtype=torch.bool)
-        for mode, idx in groups:
-            if idx is None:
-                out, fallback = self._kernel(q, k, v, work.mask, call.scale, mode, work.perm, call.shard)
-                computed[:] = True
+        for group in groups:
+            mask, quant, perm = group.mask, group.quant, group.perm
+            if group.heads is None:
+                out, fallback = self._kernel(q, k, v, mask, call.scale, quant, perm, call.shard)
                 continue
-            sub = [x.index_select(1, idx.to(x.device)) for x in (q, k, v)]
-            mask = _select_heads(work.mask, idx)
-            perm = None if work.perm is None else work.perm[idx]
-            part, why = self._kernel(*sub, mask, call.scale, mode, perm, call.shard)
+            sub = [x.index_select(1, group.heads) for x in (q, k, v)]
+            part, why = self._kernel(*sub, mask, call.scale, quant, perm, call.shard)
             fallback = fallback or why
-            out.index_copy_(1, idx.to(out.device), part)
-            computed[idx] = True
-        if reuse is not None:
-            heads = reuse.nonzero().flatten()
-            out.index_copy_(1, heads.to(out.device), cached.index_select(1, heads.to(cached.device)))
-            self.stats.head_reuses += int(heads.numel())
-        if self.plan.heads.reuses_anywhere(call.layer):
+            out.index_copy_(1, group.heads, part)
+        if reused is not None:
+            out.index_copy_(1, reused, cached.index_select(1, reused))
+            self.stats.head_reuses += reused.numel()
+        if call.layer in self._reuse_layers:
             self.head_outputs.pop(slot, None)
             if self.cache.store.admit(out.numel() * out.element_size(), kind="heads"):
                 self.head_outputs[slot] = out.detach()  # else over cache_budget_gb: the next step computes
                 self.cache.store.note_peak()
         for reason, heads in work.dense_heads:
             self.stats.notes[reason] += heads
-        density = _computed_density(work.mask, computed, q.shape[1])
         return out, fallback, density
 
-    def _selection(self, select, q, k, call) -> BlockMask:
-        """The per-call block selection of a dynamic method: computed by its handler, or reused from an
-        earlier step of the same layer and CFG pass (``reuse_steps``) when the layout and shapes are unchanged."""
+    def _selection(self, select, q, k, call) -> tuple[BlockMask, torch.Tensor]:
+        """The per-call block selection of a dynamic method and its block density (a 0-d float64 tensor on the
+        mask's device, summed there by the stats: no host sync per call): computed by its handler, or reused
+        from an earlier step of the same layer and CFG pass (``reuse_steps``) when the layout and shapes are
+        unchanged."""
         cfg = self.plan.method
         ctx = call.ctx
         reuse_steps = getattr(cfg, "reuse_steps", 1)
@@ -646,15 +717,16 @@ class AttentionRuntime:
         if slot is not None:
             hit = self.selections.get(slot)
             if hit is not None:
-                step, lay, shape, mask = hit
+                step, lay, shape, mask, density = hit
                 if lay == call.layout and shape == q.shape and 0 <= ctx.step - step < reuse_steps:
                     self.stats.selection_reuses += 1
-                    return mask
+                    return mask, density
         mask = select(cfg, q, k, call.layout, self.plan.block_size, call.scale)
+        density = mask.block_density_tensor().double()  # float64, as the stats sum it
         self.stats.selections += 1
         if slot is not None:
-            self.selections[slot] = (ctx.step, call.layout, q.shape, mask)
-        return mask
+            self.selections[slot] = (ctx.step, call.layout, q.shape, mask, density)
+        return mask, density
 
     def _sparse_key_padding(self, q, k, v, keep, call, count: bool = True):
         """Exact attention under a key-padding mask: sparse over the kept tokens, dense for dropped rows.
@@ -696,16 +768,6 @@ class _Call:
     shard: Shard | None = None  # what a sequence-parallel rank holds of the call
 
 
-def _quant_groups(quants: list[str], skip: list[bool]) -> tuple[tuple[str, torch.Tensor | None], ...]:
-    """``(mode, head indices)`` per bit-width over the heads not skipped (``None``: every head)."""
-    groups = []
-    for mode in dict.fromkeys(quants):
-        idx = [i for i, m in enumerate(quants) if m == mode and not skip[i]]
-        if idx:
-            groups.append((mode, None if len(idx) == len(quants) else torch.tensor(idx)))
-    return tuple(groups)
-
-
 def _select_heads(mask: BlockMask, idx: torch.Tensor) -> BlockMask:
     """The mask's rows for heads ``idx`` (a head-shared mask serves any subset as is)."""
     counts, indices = mask.kv_counts, mask.kv_indices
@@ -718,7 +780,8 @@ def _select_heads(mask: BlockMask, idx: torch.Tensor) -> BlockMask:
 
 
 def _computed_density(mask: BlockMask, computed: torch.Tensor, heads: int) -> float:
-    """Block density over all heads, counting heads that were not computed (reused) as zero work."""
+    """Block density over all heads, counting heads that were not computed (reused) as zero work (reads the
+    mask: computed once per piece of work, on the host)."""
     counts = mask.kv_counts.float()
     n = mask.num_blocks
     if counts.dim() >= 3 and counts.shape[-2] == heads:

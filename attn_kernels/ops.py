@@ -61,7 +61,12 @@ def _memo(*tensors: torch.Tensor):
 
 def _remember(value, *tensors: torch.Tensor):
     if len(_checked) > 256:
-        _checked.clear()
+        # Entries of freed tensors go first: clearing live ones would check (a device sync) and copy again
+        # every tensor a caller keeps, such as a per-head plan's permutations, on its next call.
+        for key in [key for key, (refs, *_) in _checked.items() if any(r() is None for r in refs)]:
+            del _checked[key]
+        if len(_checked) > 256:
+            _checked.clear()
     refs, versions = tuple(map(weakref.ref, tensors)), tuple(map(_version, tensors))
     _checked[tuple(map(id, tensors))] = (refs, versions, value)
     return value

@@ -1,0 +1,110 @@
+"""Steady-state attention calls read no tensor values back to the host: on a GPU each such read (``.item()``,
+``.cpu()``, ``.tolist()``, ``bool(t)``, ``torch.nonzero``...) waits for the device to drain, which made the
+testbed host-bound under per-head plans. Checked on the CPU with :class:`HostReads` (the same calls)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastattn.attention.host_reads import HostReads
+from fastattn.plans import AttentionPlan, BandConfig, HeadTable, Window3DConfig
+from fastattn.testbed.fast import enable
+from fastattn.testbed.model import TestbedConfig, TestbedDiT
+from fastattn.testbed.sample import sample
+
+KW = dict(frames=2, size=32, num_steps=8, seed=3)  # grid (2, 8, 8): 128 tokens, 8 blocks of 16
+LAYERS, HEADS = 2, 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TestbedDiT(TestbedConfig(dim=64 * HEADS, depth=LAYERS, heads=HEADS, mlp_ratio=2.0, frames=2, size=32))
+    with torch.no_grad():  # adaLN-zero init would leave attention without effect
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m.eval()
+
+
+def _head_table_plan() -> AttentionPlan:
+    """Two step groups (steps 0-3, 4-7): heads 1 and 3 reordered (HWF, WFH), heads 2 and 3 in int8, and in
+    the second group heads 0 and 2 reuse their output of step 3 (so heads 1 and 3 run as two bit-widths)."""
+    per_layer = [[0, 1, 0, 1]] * LAYERS
+    table = HeadTable(
+        (Window3DConfig(window=(1, 2, 2)), BandConfig(window=24)),
+        torch.tensor([per_layer] * 2),
+        step_bounds=(0.0, 0.5, 1.0),
+        order_index=torch.tensor([[[0, 3, 0, 4]] * LAYERS] * 2),
+        quant_index=torch.tensor([[[-1, -1, 1, 1]] * LAYERS] * 2),
+        reuse=torch.tensor([[[False] * HEADS] * LAYERS, [[True, False, True, False]] * LAYERS]),
+    )
+    return AttentionPlan(BandConfig(window=8), block_size=16, heads=table)
+
+
+PLANS = {
+    "head table": lambda: dict(plan=_head_table_plan()),
+    "dynamic (balanced)": lambda: dict(preset="balanced", block_size=16),
+    "window3d": lambda: dict(method="window3d", density=0.3, block_size=16),
+}
+
+
+def _recorded_run(model) -> tuple[HostReads, int]:
+    """One sampling run with every attention call recorded: ``(reads, calls)``."""
+    reads, calls = HostReads(), 0
+    saved = [blk.attn.attention_fn for blk in model.blocks]
+
+    def recorded(fn):
+        def attend(q, k, v, ctx):
+            nonlocal calls
+            calls += 1
+            with reads:
+                return fn(q, k, v, ctx)
+
+        return attend
+
+    for blk, fn in zip(model.blocks, saved):
+        blk.attn.set_attention_fn(recorded(fn))
+    try:
+        sample(model, [1], **KW)
+    finally:
+        for blk, fn in zip(model.blocks, saved):
+            blk.attn.set_attention_fn(fn)
+    return reads, calls
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_steady_state_attention_calls_read_nothing_back(model, name):
+    handle = enable(model, **PLANS[name]())
+    try:
+        with torch.no_grad():
+            sample(model, [1], **KW)  # warm-up run: builds masks, per-head work, permutations, geometry
+            handle.reset_stats()
+            reads, calls = _recorded_run(model)
+        st = handle.stats()  # not recorded: stats() reads the device-side sums once
+    finally:
+        handle.disable()
+    assert calls == KW["num_steps"] * LAYERS
+    # the run took the paths this test is for
+    assert st["sparse_calls"] > 0 and st["fallbacks"] == {}, st
+    if name == "head table":
+        assert st["head_reuses"] == 4 * LAYERS * 2  # steps 4-7, every layer, heads 0 and 2
+    if name.startswith("dynamic"):
+        assert st["selections"] > 0 and st["selection_reuses"] > 0, st
+        assert st["planned_dense"].get("residual capture (WA-RS)", 0) > 0, st
+    assert not reads.calls, f"{name}: host reads in {calls} steady-state attention calls:\n{reads.report()}"
+
+
+def test_host_reads_sees_the_calls_that_sync():
+    """What HostReads intercepts on this torch (each a device sync for a GPU tensor), and what it does not."""
+    t = torch.arange(4.0)
+    b = t > 1
+    with HostReads() as reads:
+        t[0].item(), t.cpu(), t.tolist(), bool(t[1]), int(t[1]), float(t[1])
+        torch.nonzero(b), b.nonzero(), t[b]
+        _ = t + 1, t.sum(), t.shape, t[1:]  # device work and metadata: no read
+    assert dict(reads.calls) == {
+        "torch.Tensor.item": 1, "torch.Tensor.cpu": 1, "torch.Tensor.tolist": 1, "torch.Tensor.__bool__": 1,
+        "torch.Tensor.__int__": 1, "torch.Tensor.__float__": 1, "torch.nonzero": 1, "torch.Tensor.nonzero": 1,
+        "torch.Tensor.__getitem__[bool]": 1,
+    }  # fmt: skip
+    assert "test_runtime_host_reads.py" in reads.report()  # sites name the caller, not torch's internals
