@@ -61,8 +61,8 @@ def _pool(x: torch.Tensor, split: int, block_size: int) -> torch.Tensor:
 
 def _sample_plan(layout: TokenLayout, block_size: int, rows: int, group: int, device):
     """Sampled query rows per block ``[nQ * rows]``, the key-group id of every token ``[S]``, the tokens per
-    group ``[G]`` (its clamped ``[G, 1]`` divisor and ``log`` score bias, -inf for empty groups), and groups per
-    block (built once per layout and device)."""
+    group ``[G]`` (its clamped ``[G, 1]`` divisor and ``log`` score bias, -inf for empty groups), and groups
+    per block (built once per layout and device)."""
     key = ("sample", layout, block_size, rows, group, device)
     hit = _GEOM_CACHE.get(key)
     if hit is None:

@@ -148,7 +148,8 @@ class HeadWork:
 
     def to(self, device: torch.device) -> HeadWork:
         """This work with its head indices on ``device``: copied on the first call there, then kept (a call
-        copies nothing). Masks and permutations stay on the host: the kernel layer keeps their device copies."""
+        copies nothing). Masks and permutations stay on the host: the kernel layer keeps their device
+        copies."""
         if device.type == "cpu":
             return self
         copies = self.__dict__.setdefault("_device_copies", {})
@@ -199,7 +200,8 @@ class AttentionRuntime:
         self.residuals: dict[tuple[int, int], torch.Tensor] = {}
         self.residual_steps: dict[tuple[int, int], int] = {}  # (layer, CFG pass) -> step of its last capture
         self.residual_peak_bytes = 0  # the most residual memory held at once (freed at the end of each run)
-        # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask, density).
+        # Dynamic selections kept for reuse_steps: (layer, CFG pass) -> (step, layout, q shape, mask,
+        # density).
         self.selections: dict[tuple[int, int], tuple] = {}
         # Head-wise reuse (plan.heads.reuse): (layer, CFG pass) -> the layer's last output [B, H, S, D].
         self.head_outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -607,8 +609,9 @@ class AttentionRuntime:
         )  # fmt: skip
 
     def _perm(self, layout: TokenLayout, orders: list[str]) -> torch.Tensor:
-        """int32 ``[H, S]`` permutation of these axis orders: one tensor per (layout, orders), shared by every row
-        and head group with them (the kernel layer checks a permutation and copies it to the device once)."""
+        """int32 ``[H, S]`` permutation of these axis orders: one tensor per (layout, orders), shared by every
+        row and head group with them (the kernel layer checks a permutation and copies it to the device
+        once)."""
         key = (layout, tuple(orders))
         perm = self._perms.get(key)
         if perm is None:

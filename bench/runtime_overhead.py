@@ -1,8 +1,9 @@
-"""Host cost of one attention call through the runtime (CPU): Python work and host<->device reads per call.
+"""Host cost of one attention call through the runtime (CPU): Python work and host<->device syncs per call.
 
 On a GPU the testbed is host-bound: a kernel call takes 0.08-0.34 ms, so what the runtime does around it in
 Python, and every read of a device tensor (``.item()``, ``.cpu()``, ``.tolist()``, ``bool(t)``,
-``torch.nonzero``...), which stalls the host until the GPU drains, decides the step time. This bench measures
+``torch.nonzero``...) or blocking copy of host data to it (``t.to(device)``), which stalls the host until the
+GPU drains, decides the step time. This bench measures
 that host side on the CPU, with the attention math taken out: q, k, v are small (the testbed's 10 layers x 6
 heads x 64 on a ``16 x 4 x 4`` grid of 256 tokens, cut into 32 blocks of 8 tokens as the testbed's 4,096
 tokens are into 32 blocks of 128, so the calibrated plan's block maps fit) and the kernel op and the dense
@@ -13,8 +14,9 @@ For each plan it runs one 16-step run to build the caches, then times further ru
 profiles one of them with cProfile. Reported per attention call: ``host_us`` (wall time; on the CPU it
 includes what torch computes, e.g. the dynamic selection's scores, which a GPU runs asynchronously),
 ``tensor_ops`` (torch calls returning tensors: dispatches, most of them a kernel launch on a GPU), the calls
-that read tensor values back to the host (:class:`~fastattn.attention.host_reads.HostReads`: a device sync
-each on a GPU), and the functions with the most own time.
+that read tensor values back to the host or copy to a named device
+(:class:`~fastattn.attention.host_sync.HostSyncs`: a device sync each on a GPU), and the functions with the
+most own time.
 
     python bench/runtime_overhead.py            # prints a table; --json PATH writes the records
     python bench/runtime_overhead.py --profile 15   # with the 15 most expensive functions per plan
@@ -38,7 +40,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 from fastattn.attention import AttentionRuntime, ForwardContext  # noqa: E402
-from fastattn.attention.host_reads import HostReads  # noqa: E402
+from fastattn.attention.host_sync import HostSyncs  # noqa: E402
 from fastattn.attn_kernels import ops  # noqa: E402
 from fastattn.masks import TokenLayout  # noqa: E402
 from fastattn.plans import make_plan  # noqa: E402
@@ -111,7 +113,7 @@ def measure(name: str, plan, runs: int, top: int) -> dict:
     prof.enable()
     calls = run(runtime, layout, qkv, 1)
     prof.disable()
-    with HostReads() as reads:
+    with HostSyncs() as syncs:
         run(runtime, layout, qkv, 1)
     with TensorOps() as tensor_ops:
         run(runtime, layout, qkv, 1)
@@ -126,8 +128,8 @@ def measure(name: str, plan, runs: int, top: int) -> dict:
         "plan": name,
         "host_us": host_us,
         "tensor_ops_per_call": tensor_ops.count / calls,
-        "reads_per_call": {k: v / calls for k, v in sorted(reads.calls.items())},
-        "read_sites": reads.report().splitlines(),
+        "syncs_per_call": {k: v / calls for k, v in sorted(syncs.calls.items())},
+        "sync_sites": syncs.report().splitlines(),
         "sparse_share": stats["sparse_calls"] / stats["calls"],
         "density": stats["density"],
         "profile_top": profile,
@@ -153,16 +155,17 @@ def main(argv=None) -> int:
     finally:
         ops._sparse_attention_op = saved
     for r in records:
-        syncs = ", ".join(f"{k} {v:.2f}" for k, v in r["reads_per_call"].items()) or "none"
+        syncs = ", ".join(f"{k} {v:.2f}" for k, v in r["syncs_per_call"].items()) or "none"
+        ops_per_call = r["tensor_ops_per_call"]
         print(
-            f"{r['plan']:15s} host {r['host_us']:7.1f} us/call  torch ops {r['tensor_ops_per_call']:5.1f}/call  "
-            f"sparse {r['sparse_share']:.2f}  reads: {syncs}"
+            f"{r['plan']:15s} host {r['host_us']:7.1f} us/call  torch ops {ops_per_call:5.1f}/call  "
+            f"sparse {r['sparse_share']:.2f}  host syncs: {syncs}"
         )
     if args.profile:
         for r in records:
             print(f"--- {r['plan']}")
             print("\n".join(r["profile_top"][: args.profile]))
-            print("\n".join(f"  read: {line}" for line in r["read_sites"]))
+            print("\n".join(f"  sync: {line}" for line in r["sync_sites"]))
     if args.json:
         meta = {"bench": "runtime_overhead", "device": "cpu", "torch": torch.__version__,
                 "platform": platform.platform(), "grid": GRID, "block_size": BLOCK_SIZE}  # fmt: skip

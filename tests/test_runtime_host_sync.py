@@ -1,12 +1,13 @@
-"""Steady-state attention calls read no tensor values back to the host: on a GPU each such read (``.item()``,
-``.cpu()``, ``.tolist()``, ``bool(t)``, ``torch.nonzero``...) waits for the device to drain, which made the
-testbed host-bound under per-head plans. Checked on the CPU with :class:`HostReads` (the same calls)."""
+"""Steady-state attention calls neither read tensor values back to the host nor copy host data to the
+device: on a GPU each such call (``.item()``, ``.cpu()``, ``.tolist()``, ``bool(t)``, ``torch.nonzero``,
+``t.to(device)`` of a host tensor...) waits for the device to drain, which made the testbed host-bound
+under per-head plans. Checked on the CPU with :class:`HostSyncs` (the same calls)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from fastattn.attention.host_reads import HostReads
+from fastattn.attention.host_sync import HostSyncs
 from fastattn.plans import AttentionPlan, BandConfig, HeadTable, Window3DConfig
 from fastattn.testbed.fast import enable
 from fastattn.testbed.model import TestbedConfig, TestbedDiT
@@ -48,16 +49,16 @@ PLANS = {
 }
 
 
-def _recorded_run(model) -> tuple[HostReads, int]:
-    """One sampling run with every attention call recorded: ``(reads, calls)``."""
-    reads, calls = HostReads(), 0
+def _recorded_run(model) -> tuple[HostSyncs, int]:
+    """One sampling run with every attention call recorded: ``(syncs, calls)``."""
+    syncs, calls = HostSyncs(), 0
     saved = [blk.attn.attention_fn for blk in model.blocks]
 
     def recorded(fn):
         def attend(q, k, v, ctx):
             nonlocal calls
             calls += 1
-            with reads:
+            with syncs:
                 return fn(q, k, v, ctx)
 
         return attend
@@ -69,17 +70,17 @@ def _recorded_run(model) -> tuple[HostReads, int]:
     finally:
         for blk, fn in zip(model.blocks, saved):
             blk.attn.set_attention_fn(fn)
-    return reads, calls
+    return syncs, calls
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-def test_steady_state_attention_calls_read_nothing_back(model, name):
+def test_steady_state_attention_calls_make_no_host_sync(model, name):
     handle = enable(model, **PLANS[name]())
     try:
         with torch.no_grad():
             sample(model, [1], **KW)  # warm-up run: builds masks, per-head work, permutations, geometry
             handle.reset_stats()
-            reads, calls = _recorded_run(model)
+            syncs, calls = _recorded_run(model)
         st = handle.stats()  # not recorded: stats() reads the device-side sums once
     finally:
         handle.disable()
@@ -91,20 +92,21 @@ def test_steady_state_attention_calls_read_nothing_back(model, name):
     if name.startswith("dynamic"):
         assert st["selections"] > 0 and st["selection_reuses"] > 0, st
         assert st["planned_dense"].get("residual capture (WA-RS)", 0) > 0, st
-    assert not reads.calls, f"{name}: host reads in {calls} steady-state attention calls:\n{reads.report()}"
+    assert not syncs.calls, f"{name}: host syncs in {calls} steady-state attention calls:\n{syncs.report()}"
 
 
-def test_host_reads_sees_the_calls_that_sync():
-    """What HostReads intercepts on this torch (each a device sync for a GPU tensor), and what it does not."""
+def test_host_syncs_sees_the_calls_that_sync():
+    """What HostSyncs intercepts on this torch (each a device sync for a GPU tensor), and what it does not."""
     t = torch.arange(4.0)
     b = t > 1
-    with HostReads() as reads:
+    with HostSyncs() as syncs:
         t[0].item(), t.cpu(), t.tolist(), bool(t[1]), int(t[1]), float(t[1])
         torch.nonzero(b), b.nonzero(), t[b]
-        _ = t + 1, t.sum(), t.shape, t[1:]  # device work and metadata: no read
-    assert dict(reads.calls) == {
+        t.to(t.device), t.to(b), torch.tensor([1, 2], device=t.device)  # copies to a named device
+        _ = t + 1, t.sum(), t.shape, t[1:], t.to(torch.float16), torch.tensor([1, 2])  # none of them
+    assert dict(syncs.calls) == {
         "torch.Tensor.item": 1, "torch.Tensor.cpu": 1, "torch.Tensor.tolist": 1, "torch.Tensor.__bool__": 1,
         "torch.Tensor.__int__": 1, "torch.Tensor.__float__": 1, "torch.nonzero": 1, "torch.Tensor.nonzero": 1,
-        "torch.Tensor.__getitem__[bool]": 1,
+        "torch.Tensor.__getitem__[bool]": 1, "torch.Tensor.to(device)": 2, "torch.tensor(device)": 1,
     }  # fmt: skip
-    assert "test_runtime_host_reads.py" in reads.report()  # sites name the caller, not torch's internals
+    assert "test_runtime_host_sync.py" in syncs.report()  # sites name the caller, not torch's internals
