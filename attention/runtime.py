@@ -134,6 +134,9 @@ class HeadWork:
         all_dense: every head runs the model's exact dense attention (no kernel needed).
         dense_heads: ``(reason, heads)`` for heads the plan gives a method that cannot serve this layout,
             computed with a full mask instead (counted per call in the stats' notes).
+        residual_gate: float ``[H]``, 0 for the heads that compute exact attention (every block, no
+            quantization) and 1 for the others; None when no head is exact. WA-RS adds its residual
+            (captured at another step, with that step's row) only where the output is approximate.
     """
 
     mask: BlockMask
@@ -145,6 +148,7 @@ class HeadWork:
     density_reusing: float
     all_dense: bool = False
     dense_heads: tuple[tuple[str, int], ...] = ()
+    residual_gate: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> HeadWork:
         """This work with its head indices on ``device``: copied on the first call there, then kept (a call
@@ -159,8 +163,11 @@ class HeadWork:
                 return tuple(g if g.heads is None else replace(g, heads=g.heads.to(device)) for g in groups)
 
             reused = None if self.reused is None else self.reused.to(device)
+            gate = None if self.residual_gate is None else self.residual_gate.to(device)
             groups, all_groups = move(self.groups), move(self.all_groups)
-            copies[device] = replace(self, groups=groups, all_groups=all_groups, reused=reused)
+            copies[device] = replace(
+                self, groups=groups, all_groups=all_groups, reused=reused, residual_gate=gate
+            )
         return copies[device]
 
 
@@ -455,7 +462,14 @@ class AttentionRuntime:
             self.residual_peak_bytes = max(self.residual_peak_bytes, self.residual_bytes())
             self.cache.store.note_peak()
             return dense
-        return self._method(query, key, value, attn_mask, call) + r
+        out = self._method(query, key, value, attn_mask, call)
+        work = self._work_for(call)
+        if work is None or work.residual_gate is None:
+            return out + r
+        if work.all_dense:
+            return out  # an exact row gets nothing added
+        gate = work.to(r.device).residual_gate  # [H]: a head-table row with some exact heads
+        return out + r * gate.to(r.dtype)[:, None]
 
     def _method(self, query, key, value, attn_mask, call, count: bool = True):
         """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
@@ -595,6 +609,7 @@ class AttentionRuntime:
 
         heads = len(row)
         density = _computed_density(mask, torch.ones(heads, dtype=torch.bool), heads)
+        exact = _full_heads(mask, heads) & torch.tensor([m == "none" for m in quants])
         return HeadWork(
             mask,
             perm,
@@ -606,6 +621,7 @@ class AttentionRuntime:
             all_dense and not any(reuse),
             ((f"blockmap heads on a layout of another block grid than calibrated ({table.map_blocks} blocks): "
               "computed with a full mask", unfit),) if unfit else (),
+            (~exact).float() if bool(exact.any()) else None,
         )  # fmt: skip
 
     def _perm(self, layout: TokenLayout, orders: list[str]) -> torch.Tensor:
@@ -792,6 +808,16 @@ def _computed_density(mask: BlockMask, computed: torch.Tensor, heads: int) -> fl
     else:
         per_head = torch.full((heads,), float(counts.mean()) / n)
     return float((per_head.cpu() * computed.float()).sum() / heads)
+
+
+def _full_heads(mask: BlockMask, heads: int) -> torch.Tensor:
+    """bool ``[heads]``: the heads whose block lists hold every block (on the host, once per piece of work)."""
+    counts = mask.kv_counts
+    n = mask.num_blocks
+    if counts.dim() >= 3 and counts.shape[-2] == heads:
+        dims = tuple(d for d in range(counts.dim()) if d != counts.dim() - 2)
+        return (counts == n).all(dim=dims).cpu() if dims else (counts == n).cpu()
+    return torch.full((heads,), bool((counts == n).all()))
 
 
 def _key_padding(attn_mask: torch.Tensor, b: int, s: int, layout: TokenLayout):

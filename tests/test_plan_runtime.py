@@ -300,6 +300,34 @@ def test_head_reuse_returns_the_cached_output_of_the_last_computed_step():
     assert rt.cache_bytes() == 0
 
 
+def test_residual_sharing_leaves_exact_heads_and_rows_exact():
+    """WA-RS with a head table: R is captured with step 0's row and added later only to heads that are not
+    exact (full mask, no quantization) in the row that runs; an all-dense row gets nothing added."""
+    band = BandConfig(window=12)
+    table = HeadTable(
+        (band, DenseConfig()),
+        torch.tensor([[[0, 0, 0, 0]], [[1, 0, 1, 0]], [[1, 1, 1, 1]]]),  # groups: all band / mixed / all dense
+        step_bounds=(0.0, 1 / 3, 2 / 3, 1.0),
+    )
+    plan = AttentionPlan(band, block_size=8, heads=table, residual=True)
+    rt = AttentionRuntime(plan, num_layers=1)
+    inputs = [_qkv(seed=i) for i in range(3)]
+    outs = []
+    for step, x in enumerate(inputs):
+        state = _fw(rt, step, 3)  # step 0 captures (group 0), step 1 applies (mixed row), step 2 all dense
+        outs.append(rt.attend(state, *x))
+        rt.end_forward(state)
+    full = build_mask(DenseConfig(), LAYOUT, 8)
+    banded = build_mask(band, LAYOUT, 8)
+    dense = [_oracle_per_head(*x, [full] * 4, None) for x in inputs]
+    sparse = [_oracle_per_head(*x, [banded] * 4, None) for x in inputs]
+    r = dense[0] - sparse[0]
+    torch.testing.assert_close(outs[0], dense[0], rtol=1e-5, atol=1e-5)  # the capture step is exact
+    torch.testing.assert_close(outs[1][:, :, [0, 2]], dense[1][:, :, [0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][:, :, [1, 3]], (sparse[1] + r)[:, :, [1, 3]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[2], dense[2], rtol=1e-5, atol=1e-5)
+
+
 def test_head_table_validation():
     with pytest.raises(ValueError, match="outside"):
         HeadTable((DenseConfig(),), torch.ones(1, 2, 2, dtype=torch.int16))
