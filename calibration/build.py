@@ -49,6 +49,18 @@ def step_weights(bounds, num_steps: int) -> torch.Tensor:
     return counts / counts.sum()
 
 
+def with_capture_step(sel: Selection, weights: torch.Tensor) -> Selection:
+    """WA-RS captures ``R = exact - approximate`` with the first step's row and adds it at later steps. When the
+    first step group holds only that step (weight 0 once the capture is taken out), the selection is free
+    there; giving it the second group's row makes ``R`` the correction of the row that follows it."""
+    if weights.numel() < 2 or float(weights[0]) > 0.0:
+        return sel
+    sel.choice[0] = sel.choice[1]
+    sel.dense_rows[0] = sel.dense_rows[1]
+    sel.reuse[0] = False  # nothing is cached at the first step: a reusing head would compute exactly
+    return sel
+
+
 def step_bounds(groups: int) -> tuple[float, ...]:
     return tuple(i / groups for i in range(groups)) + (1.0,)
 
@@ -132,10 +144,11 @@ def lower_bits(options: Options, sel: Selection, cs: CandidateSet, bits, toleran
 
 
 def make_plan(
-    options: Options, sel: Selection, cs: CandidateSet, bits, bounds, block_size: int
+    options: Options, sel: Selection, cs: CandidateSet, bits, bounds, block_size: int, residual: bool = False
 ) -> AttentionPlan:
     """The selection as a per-head plan (a :class:`HeadTable` over ``[G, L, H]``); a head on a block-map
-    candidate gets its map thresholded from its own block mass (identical maps are stored once)."""
+    candidate gets its map thresholded from its own block mass (identical maps are stored once). ``residual``:
+    the plan shares WA-RS residuals (captured exactly at the first step, added to the approximate heads)."""
     g, l, h = sel.choice.shape
     palette: list = []
     pal_index: dict = {}
@@ -199,7 +212,7 @@ def make_plan(
         map_index=map_index if maps else None,
         block_maps=block_maps,
     )
-    return AttentionPlan(method=DenseConfig(), quant="none", block_size=block_size, heads=table)
+    return AttentionPlan(method=DenseConfig(), quant="none", block_size=block_size, heads=table, residual=residual)
 
 
 def describe_choice(

@@ -52,6 +52,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
         "--block-size", type=int, default=None, help="mask block size (default 128; 16-64 on the CPU)"
     )
     c.add_argument("--rows-per-block", type=int, default=8, help="sampled query rows per query block")
+    c.add_argument("--residual", action="store_true",
+                   help="WA-RS on top of the plan: the first step runs exact and its residual corrects later "
+                        "steps' approximate heads (counted in --target-density)")  # fmt: skip
     c.add_argument("--sensitivity-prompts", type=int, default=1,
                    help="prompts run to measure how much each step group's error costs (0: off)")  # fmt: skip
     c.add_argument("--cost-table", default=None, help="cost table JSON (default: the shipped one)")
@@ -181,7 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         result = run_calibration(
             target, prompts, target_density=args.target_density, error_budget=args.error_budget, steps=args.steps,
             seed=args.seed, rows_per_block=args.rows_per_block, sensitivity_prompts=args.sensitivity_prompts,
-            progress=not args.no_progress, **kwargs, **run,
+            residual=args.residual, progress=not args.no_progress, **kwargs, **run,
         )  # fmt: skip
     except CalibrationInterrupted as e:
         print(f"fastattn calibrate: {e}", file=sys.stderr)

@@ -138,6 +138,7 @@ def run_calibration(
     quant_tolerance: float = 1e-4,
     block_size: int = 128,
     rows_per_block: int = 8,
+    residual: bool = False,
     cost_table=None,
     checkpoint_dir=None,
     sensitivity_prompts: int = 1,
@@ -161,6 +162,8 @@ def run_calibration(
             raise CalibrationError(f"{name} must be a positive int, got {v!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CalibrationError(f"seed must be an int, got {seed!r}")
+    if not isinstance(residual, bool):
+        raise CalibrationError(f"residual must be True or False, got {residual!r}")
     cost = cost_table if isinstance(cost_table, CostModel) else CostModel.load(cost_table)
     try:
         target = target_for(pipe_or_model, run_kwargs)
@@ -189,11 +192,16 @@ def run_calibration(
     cs = observer.candidate_set(layout)
     dense_ms = cost.dense_head_ms(layout.seq_len, target.head_dim or 64, 1, target.num_heads)
     weights = B.step_weights(bounds, steps)
+    exact_share = 1.0 / steps if residual else 0.0  # WA-RS: the first step captures with an exact call
+    if residual:
+        weights = weights.clone()
+        weights[0] = (weights[0] - exact_share).clamp_min(0.0)
     quant_in_solve = error_budget is not None
     try:
         options = B.make_problem(total_obs, cs, bits, weights, cost, dense_ms, quant_in_solve=quant_in_solve)
     except ValueError as e:
         raise CalibrationError(str(e)) from None
+    options.problem.exact_share = exact_share
 
     def choose():
         try:
@@ -204,7 +212,7 @@ def run_calibration(
             sel.choice = B.lower_bits(options, sel, cs, bits, quant_tolerance, cost)
             tot = _totals(options.problem, sel.choice, sel.reuse, sel.dense_rows)
             sel.work, sel.error, sel.time = tot["work"], tot["err"], tot["time"]
-        return sel
+        return B.with_capture_step(sel, options.problem.weights) if residual else sel
 
     sel = choose()
     gains = None
@@ -220,13 +228,14 @@ def run_calibration(
         options.problem.err = base_err * gains[:, :, None, None]
         options.problem.reuse_err = base_reuse * gains[:, :, None, None]
         sel = choose()
-    plan = B.make_plan(options, sel, cs, bits, bounds, block_size)
+    plan = B.make_plan(options, sel, cs, bits, bounds, block_size, residual=residual)
     elapsed = time.perf_counter() - t_start
     from .. import __version__
     from .report import build_report
 
     report = build_report(options, sel, cs, total_obs, bits, layout, settings, cost, elapsed,
                           target_density=target_density, error_budget=error_budget)  # fmt: skip
+    report["summary"]["residual"] = residual
     report["summary"]["step_sensitivity"] = (
         None if gains is None else [round(float(x), 4) for x in gains[:, 0]]
     )
@@ -235,6 +244,7 @@ def run_calibration(
         model=target.fingerprint, layout=layout, steps=steps, creator="fastattn.calibrate",
         creator_params={k: v for k, v in settings.items() if k not in ("model",)}
         | {"target_density": target_density, "error_budget": error_budget, "quant_tolerance": quant_tolerance,
+           "residual": residual,
            "cost_table": cost.source[:200]},
         density=max(min(sel.work, 1.0), 1e-6), bits=report["summary"]["mean_bits"] or quant_bits["none"],
         doc=f"calibrated per head on {len(prompts)} prompt(s): expected attention work {sel.work:.3f}, "
@@ -280,7 +290,9 @@ def calibrate(
             to a lower bit-width when that adds at most this much to its error; default 1e-4), ``block_size``
             (128), ``rows_per_block`` (sampled query rows per query block, 8), ``cost_table`` (a JSON path or
             :class:`~fastattn.calibration.costs.CostModel`), ``checkpoint_dir`` (resumable observations),
-            ``sensitivity_prompts`` (prompts run to measure how much each step group's error costs in the final
+            ``residual`` (DiTFastAttn's WA-RS on top of the plan: the first step runs exact and keeps
+            ``R = exact - approximate`` per layer, later steps add it to their approximate heads; its exact step
+            counts in ``target_density``; default False), ``sensitivity_prompts`` (prompts run to measure how much each step group's error costs in the final
             output, default 1; 0: off) and ``sensitivity_rounds`` (re-measure after re-selecting, default 1),
             ``progress`` (tqdm bar), ``on_progress(done, total)``; anything else goes to every run (e.g.
             ``height=``, ``num_frames=``, ``guidance_scale=``; testbed: ``frames=``, ``size=``).

@@ -29,6 +29,7 @@ option order.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,9 @@ class Problem:
 
     ``err``/``work``/``time``/``valid``: ``[G, L, H, K]`` (float64 / bool) per regular option;
     ``reuse_err``: ``[G, L, H, R]`` error of reusing the output of ``k = 1..R`` groups back (``inf``: not
-    allowed); ``weights``: ``[G]`` step shares summing to 1; ``row_overhead``: the kernel path's fixed cost of
-    one row, in dense-head units.
+    allowed); ``weights``: ``[G]`` step shares the selection decides, summing to ``1 - exact_share``;
+    ``row_overhead``: the kernel path's fixed cost of one row, in dense-head units; ``exact_share``: the share
+    of the run computed exactly whatever is chosen (WA-RS's capture step), counted in work and time.
     """
 
     err: torch.Tensor
@@ -55,6 +57,7 @@ class Problem:
     reuse_err: torch.Tensor
     weights: torch.Tensor
     row_overhead: float = 0.0
+    exact_share: float = 0.0
 
     @property
     def shape(self):
@@ -113,8 +116,8 @@ def _totals(p: Problem, choice, reuse, dense_rows) -> dict:
     time = q["time"].sum(-1) + torch.where(dense_rows, torch.zeros(g, l, dtype=torch.float64), p.row_overhead)
     return {
         "err": float((w * q["err"].sum(-1)).sum() / l),
-        "work": float((w * q["work"].sum(-1)).sum() / (l * h)),
-        "time": float((w * time).sum() / (l * h)),
+        "work": float((w * q["work"].sum(-1)).sum() / (l * h)) + p.exact_share,
+        "time": float((w * time).sum() / (l * h)) + p.exact_share,
     }
 
 
@@ -256,7 +259,7 @@ def select(
     if error_budget is None:
         objective, caps = "err", {"work": float(target_density)}
         # a hair of time breaks ties between options of equal error (the faster one)
-        p = Problem(p.err + 1e-9 * p.time, p.work, p.time, p.valid, p.reuse_err, p.weights, p.row_overhead)
+        p = dataclasses.replace(p, err=p.err + 1e-9 * p.time)
     else:
         objective, caps = "time", {"err": float(error_budget)}
         if target_density is not None:

@@ -128,6 +128,27 @@ def test_testbed_plan_saves_loads_runs_and_matches_its_expected_work(tiny, tmp_p
     assert st["density"] == pytest.approx(res.report["summary"]["expected_work"], abs=1e-6)
 
 
+def test_residual_plan_counts_its_capture_step_in_the_work(tiny):
+    """residual=True: the plan shares WA-RS residuals; the exact capture step is part of the target work, and
+    the free first group (only the capture step) runs the second group's row."""
+    steps = 4
+    res = run_calibration(tiny, [1], target_density=0.6, residual=True, **{**FAST, "steps": steps}, **TINY)
+    plan, summary = res.plan, res.report["summary"]
+    assert plan.residual and summary["residual"] and res.meta.creator_params["residual"] is True
+    assert 0.25 <= summary["expected_work"] <= 0.6 + 1e-9  # the capture alone is 1 / steps of the run
+    assert torch.equal(res.selection.choice[0], res.selection.choice[1])
+    h = enable(tiny, plan=plan)
+    try:
+        sample(tiny, [3], num_steps=steps, seed=9, **TINY)
+        st = h.stats()
+    finally:
+        h.disable()
+    assert st["planned_dense"].get("residual capture (WA-RS)") == tiny.cfg.depth
+    assert st["density"] == pytest.approx(summary["expected_work"], abs=1e-6)
+    with pytest.raises(CalibrationError, match="residual must be True or False"):
+        run_calibration(tiny, [1], target_density=0.6, residual=1, **FAST, **TINY)
+
+
 def test_calibrated_plan_beats_the_structural_window_at_equal_work(learned):
     kw = dict(frames=4, size=32)  # grid (4, 8, 8): 256 tokens, 16 blocks of 16
     steps, block = 3, 16
