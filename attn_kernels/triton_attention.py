@@ -40,6 +40,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_PLACEHOLDERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(float32 [1], int32 [1])`` zeros on ``device``, passed for pointer arguments a launch does not use
+    (scales without quantization, ``perm`` without reordering): the kernels neither read nor write them, so
+    one pair per device serves every launch instead of two allocations per launch."""
+    pair = _PLACEHOLDERS.get(device)
+    if pair is None:
+        pair = _PLACEHOLDERS[device] = (
+            torch.zeros(1, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device),
+        )
+    return pair
+
+
 @triton.jit
 def _block_range(blk, nb0, split, seq_len, BS: tl.constexpr):
     in_first = blk < nb0
@@ -378,7 +394,7 @@ def quantize_inputs(q, k, v, spec: Qz.QuantSpec, perm: torch.Tensor | None):
     dev = k.device
     out = {}
     gather = perm is not None
-    perm_t = perm if gather else torch.zeros(1, dtype=torch.int32, device=dev)
+    perm_t = perm if gather else _placeholders(dev)[1]
     sph = 0 if (not gather or perm.dim() == 1) else perm.stride(0)
     grid = (triton.cdiv(s, Qz.QUANT_BLOCK), b * h)
     kmean = Qz.k_smoothing_mean(k).contiguous()
@@ -448,9 +464,9 @@ def triton_attention(
         raise ValueError(f"tiles.rows must divide the mask block size {bm} and be >= 16, got {rows}")
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    dummy = torch.zeros(1, dtype=torch.float32, device=q.device)
+    dummy, no_perm = _placeholders(q.device)
     has_perm = perm is not None
-    perm_t = perm if has_perm else torch.zeros(1, dtype=torch.int32, device=q.device)
+    perm_t = perm if has_perm else no_perm
     sph = 0 if (not has_perm or perm.dim() == 1) else perm.stride(0)
 
     kk, vv = k, v
