@@ -30,6 +30,10 @@ class ForwardContext:
         timestep: the timestep value the transformer received (first batch element), if any.
         cfg_chunks: with batched CFG, the branch of each equal batch chunk (0 positive, 1 negative; ComfyUI's
             ``cond_or_uncond``); ``None`` when the forward holds one conditioning (or the host cannot tell).
+        one_key_mask: the host gives every self-attention call of this forward the same key-padding mask
+            values, possibly as a new tensor per call (Qwen-Image's processor builds one per layer). The
+            runtime then reads the values of the first one only and compares the others with it on the device,
+            reading that comparison once, at the end of the forward (a forward whose masks differed raises).
     """
 
     layout: TokenLayout | None
@@ -39,6 +43,7 @@ class ForwardContext:
     sigma: float | None = None
     timestep: float | None = None
     cfg_chunks: tuple[int, ...] | None = None
+    one_key_mask: bool = False
 
     @property
     def progress(self) -> float | None:
@@ -59,6 +64,10 @@ class ForwardState:
     ctx: ForwardContext
     layer_counter: int = 0
     blocks: object = None  # the forward's block-cache decisions (fastattn.caching.BlockForward) or None
+    # What the runtime read from this forward's attention masks, kept for the forward's other calls: hosts
+    # pass every self-attention call of a forward the same mask tensor (runtime._once).
+    masks: dict = field(default_factory=dict)
+    key_masks_differ: object = None  # one_key_mask: bool tensor on the device, a mask differed from the first
 
 
 @dataclass

@@ -221,6 +221,8 @@ class AttentionRuntime:
         self.cache.store.external_bytes = self._held_bytes
         self._last_step: int | None = None  # step of the last forward (a new run starts at step 0 after another)
         self._step_problems: dict = {}  # num_steps -> plan.step_problem(num_steps), checked once
+        # a one_key_mask forward's masks differed: from then on every mask is read
+        self._key_masks_differed = False
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ forward bracket (adapter side)
@@ -265,6 +267,14 @@ class AttentionRuntime:
                 f"forward served {state.layer_counter} self-attention calls, the model has {self.num_layers} "
                 "layers (layer indices of dense_layers / head tables may be off)"
             ] += 1
+        if state.key_masks_differ is not None and bool(state.key_masks_differ):  # one host read per forward
+            self._key_masks_differed = True
+            raise RuntimeError(
+                "fastattn: the host said every self-attention call of this forward gets the same key-padding "
+                "mask (ForwardContext.one_key_mask), but the masks differed; the calls after the first were "
+                "served with the first call's mask, so this forward's output is wrong. This runtime now reads "
+                "every call's mask (exact); run the forward again"
+            )
 
     def _end_of_run(self, branch: int) -> None:
         """The last step of a run is done for this CFG pass: free what it kept for later steps (the other
@@ -389,36 +399,38 @@ class AttentionRuntime:
             reason = f"sequence length {total} does not match the model's token layout ({known})"
             return self._dense(query, key, value, attn_mask, scale, reason, False, work, shard)
         if self.cache.attention is not None:
-            return self._shared(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
-        return self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
+            return self._shared(state, query, key, value, attn_mask, scale, layer, layout, work, shard)
+        return self._planned(state, query, key, value, attn_mask, scale, layer, layout, work, shard)
 
-    def _shared(self, ctx, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
+    def _shared(self, state, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
         """Attention output sharing (``plan.cache``): a cached output of an earlier step (AST) or of the other
         CFG branch (ASC), or the planned call, kept when a later call may reuse it."""
-        shared = self.cache.attention
+        shared, ctx = self.cache.attention, state.ctx
         hit = shared.reuse(layer, ctx, query.shape[:3] + value.shape[-1:])
         if hit is not None:
             self.stats.add_reused(work, hit[1])
             return hit[0]
-        split = shared.cfg_rows(layer, ctx, query.shape[0])
+        split = shared.cfg_rows(layer, ctx, query.shape[0], query.device)
         if split is not None:  # batched CFG: attend for the positive chunk only, copy it to the negative one
-            rows, source = (t.to(query.device) for t in split)
+            rows, source = split
             sub = [x.index_select(0, rows) for x in (query, key, value)]
             mask = attn_mask
             if mask is not None and mask.dim() and mask.shape[0] == query.shape[0] > 1:
-                mask = mask.index_select(0, rows)
+                # one tensor for every call of the forward, so what is read from it is read once
+                slot = ("cfg rows", ctx.cfg_chunks, rows.device)
+                mask = _once(state, mask, slot, lambda: attn_mask.index_select(0, rows))
             share = len(rows) / query.shape[0]
-            part = self._planned(ctx, *sub, mask, scale, layer, layout, work * share, shard)
+            part = self._planned(state, *sub, mask, scale, layer, layout, work * share, shard)
             self.stats.add_reused(work * (1.0 - share), "cfg", call=False)
             return part.index_select(0, source)
-        out = self._planned(ctx, query, key, value, attn_mask, scale, layer, layout, work, shard)
+        out = self._planned(state, query, key, value, attn_mask, scale, layer, layout, work, shard)
         if shared.wants(layer, ctx):
             shared.keep(layer, ctx, out)
         return out
 
-    def _planned(self, ctx, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
+    def _planned(self, state, query, key, value, attn_mask, scale, layer, layout, work, shard=None):
         """What the plan runs for one call: dense by plan, residual sharing, or the method."""
-        plan = self.plan
+        plan, ctx = self.plan, state.ctx
         planned = plan.dense_reason(layer, self.num_layers, ctx.step, ctx.num_steps)
         capture_now = (
             plan.residual
@@ -429,7 +441,7 @@ class AttentionRuntime:
             return self._dense(query, key, value, attn_mask, scale, planned, True, work, shard)
         if query.dtype == torch.float32 and query.is_cuda:
             return self._dense(query, key, value, attn_mask, scale, "float32 on GPU", False, work, shard)
-        call = _Call(ctx, layer, layout, scale, work, shard)
+        call = _Call(ctx, layer, layout, scale, work, shard, state)
         if not plan.residual:
             return self._method(query, key, value, attn_mask, call)
         return self._with_residual(query, key, value, attn_mask, call, capture_now)
@@ -474,10 +486,11 @@ class AttentionRuntime:
     def _method(self, query, key, value, attn_mask, call, count: bool = True):
         """The plan's method on ``[B, S, H, D]`` tensors (exact dense where it cannot serve the call)."""
         b, s = query.shape[:2]
-        keep = None
+        padding = None
         ring = call.shard.ring if call.shard is not None else None
         if attn_mask is not None:
-            keep, why = _key_padding(attn_mask, b, s if ring is None else call.shard.seq_len, call.layout)
+            s_mask = s if ring is None else call.shard.seq_len
+            padding, why = self._padding_of(call, attn_mask, b, s_mask)
             if why is not None:
                 if not count:
                     return self._dense_call(query, key, value, attn_mask, call.scale, call.shard)
@@ -491,16 +504,16 @@ class AttentionRuntime:
                 return self._dense_call(query, key, value, attn_mask, call.scale, call.shard)
             return self._dense(query, key, value, attn_mask, call.scale, reason, True, call.work, call.shard)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D] views, no copy
-        if keep is None:
+        if padding is None:
             out = self._sparse(q, k, v, call, work, count)
         elif ring is not None:
             # the kept tokens form a layout of the whole sequence: gathered, computed whole, this rank's rows kept
             self.stats.parallel_fallbacks["ring: key padding: Q/K/V all-gathered, every row computed"] += 1
             whole = dataclasses.replace(call, shard=Shard(call.shard.heads, call.shard.seq_len))
             full = [ring.full(x, 2) for x in (q, k, v)]
-            out = ring.rows(self._sparse_key_padding(*full, keep, whole, count), 2)
+            out = ring.rows(self._sparse_key_padding(*full, padding, whole, count), 2)
         else:
-            out = self._sparse_key_padding(q, k, v, keep, call, count)
+            out = self._sparse_key_padding(q, k, v, padding, call, count)
         return out.transpose(1, 2)
 
     # ------------------------------------------------------------------ per-head work
@@ -747,7 +760,26 @@ class AttentionRuntime:
             self.selections[slot] = (ctx.step, call.layout, q.shape, mask, density)
         return mask, density
 
-    def _sparse_key_padding(self, q, k, v, keep, call, count: bool = True):
+    def _padding_of(self, call, attn_mask: torch.Tensor, b: int, s: int):
+        """What ``attn_mask`` asks of the call (:func:`_key_padding`), read from its values once per forward:
+        once per mask tensor, or once for every mask of the forward when the host says they are all alike
+        (``ForwardContext.one_key_mask``: each later mask is compared with the first on the device)."""
+        state = call.state
+        layout = call.layout
+        if state is None or not state.ctx.one_key_mask or self._key_masks_differed:
+            slot = ("key padding", b, s, layout)
+            return _once(state, attn_mask, slot, lambda: _key_padding(attn_mask, b, s, layout))
+        slot = ("one key mask", tuple(attn_mask.shape), attn_mask.dtype, attn_mask.device, b, s, layout)
+        first = state.masks.get(slot)
+        if first is None:
+            first = state.masks[slot] = (attn_mask, _key_padding(attn_mask, b, s, layout))
+        elif first[0] is not attn_mask:
+            differs = (attn_mask != first[0]).any()  # stays on the device: end_forward reads it once
+            seen = state.key_masks_differ
+            state.key_masks_differ = differs if seen is None else seen | differs
+        return first[1]
+
+    def _sparse_key_padding(self, q, k, v, padding: KeyPadding, call, count: bool = True):
         """Exact attention under a key-padding mask: sparse over the kept tokens, dense for dropped rows.
 
         Dropped tokens are text padding: the kept tokens form a shorter layout with fewer text tokens;
@@ -755,13 +787,7 @@ class AttentionRuntime:
         """
         layout = call.layout
         out = torch.empty_like(q)
-        rows = (
-            [slice(0, q.shape[0])]
-            if bool((keep == keep[:1]).all())
-            else [slice(i, i + 1) for i in range(q.shape[0])]
-        )
-        for sl in rows:
-            idx = keep[sl.start].nonzero().flatten()
+        for sl, idx, dropped in padding.groups:
             n_keep = idx.numel()
             drop_text = layout.seq_len - n_keep
             sub = TokenLayout(n_keep, layout.text_len - drop_text, layout.text_first, layout.grid)
@@ -769,7 +795,6 @@ class AttentionRuntime:
             sub_call = dataclasses.replace(call, layout=sub, work=call.work * n_keep**2 / layout.seq_len**2)
             out[sl].index_copy_(2, idx, self._sparse(qk, kk, vk, sub_call, self._work_for(sub_call), count))
             if drop_text:
-                dropped = (~keep[sl.start]).nonzero().flatten()
                 qd = q[sl].index_select(2, dropped)
                 out[sl].index_copy_(2, dropped, F.scaled_dot_product_attention(qd, kk, vk, scale=call.scale))
         return out
@@ -785,6 +810,7 @@ class _Call:
     scale: float | None
     work: float  # score entries B * H * S_q * S_kv
     shard: Shard | None = None  # what a sequence-parallel rank holds of the call
+    state: ForwardState | None = None  # the forward it belongs to (what its masks ask is kept there)
 
 
 def _select_heads(mask: BlockMask, idx: torch.Tensor) -> BlockMask:
@@ -820,8 +846,40 @@ def _full_heads(mask: BlockMask, heads: int) -> torch.Tensor:
     return torch.full((heads,), bool((counts == n).all()))
 
 
+@dataclass(frozen=True)
+class KeyPadding:
+    """What a key-padding mask that drops only text keys asks of a call (read from its values once).
+
+    Args:
+        groups: per group of batch rows that keep the same keys, ``(rows, kept, dropped)``: a slice of the
+            batch, the kept token indices and the dropped ones (int64, in token order, on the mask's device;
+            ``dropped`` is None when the group keeps every token).
+    """
+
+    groups: tuple[tuple[slice, torch.Tensor, torch.Tensor | None], ...]
+
+
+def _once(state: ForwardState | None, mask: torch.Tensor, key: tuple, compute: Callable):
+    """``compute()``, once per forward for this mask tensor and ``key``.
+
+    Hosts pass every self-attention call of a forward the same mask tensor (HunyuanVideo builds one per
+    forward), so what one call reads from its values (on a GPU each read waits for the device) holds for the
+    others. The entry keeps the tensor (so its id stays its own while the forward runs) and its version (an
+    in-place edit computes again; inference tensors have no version: their id decides alone).
+    """
+    if state is None:
+        return compute()
+    version = None if mask.is_inference() else mask._version
+    slot = (id(mask), *key)
+    hit = state.masks.get(slot)
+    if hit is None or hit[1] != version:
+        hit = state.masks[slot] = (mask, version, compute())
+    return hit[2]
+
+
 def _key_padding(attn_mask: torch.Tensor, b: int, s: int, layout: TokenLayout):
-    """``(keep [B, S] bool, None)`` when ``attn_mask`` only removes text keys, else ``(None, reason)``."""
+    """``(KeyPadding, None)`` when ``attn_mask`` only removes text keys, ``(None, None)`` when it removes
+    nothing, else ``(None, reason)``. Reads the mask's values once (a device sync on a GPU)."""
     m = attn_mask
     if m.dtype != torch.bool:
         return None, f"attn_mask of dtype {m.dtype} (only boolean key-padding masks are served sparse)"
@@ -832,9 +890,18 @@ def _key_padding(attn_mask: torch.Tensor, b: int, s: int, layout: TokenLayout):
     if m.shape[-1] != s:
         return None, f"attn_mask covers {m.shape[-1]} keys, attention has {s}"
     keep = m.expand(b, s)
-    img = slice(layout.image_start, layout.image_start + layout.image_len)
-    if not bool(keep[:, img].all()):
+    img = keep[:, layout.image_start : layout.image_start + layout.image_len]
+    # Everything needed from the values in one read: image tokens all kept, batch rows alike, kept per row.
+    facts = torch.cat([img.all().reshape(1), (keep == keep[:1]).all().reshape(1), keep.sum(dim=1)])
+    image_kept, alike, *kept = facts.tolist()
+    if not image_kept:
         return None, "attn_mask masks image tokens (only text padding is served sparse)"
-    if bool(keep.all()):
+    if min(kept) == s:
         return None, None  # nothing masked: plain sparse call
-    return keep, None
+    groups = []
+    for rows in [slice(0, b)] if alike else [slice(i, i + 1) for i in range(b)]:
+        n = kept[rows.start]
+        # kept tokens first, then dropped ones, each in token order (a stable sort: nonzero would read again)
+        order = torch.argsort(keep[rows.start].logical_not().to(torch.uint8), stable=True)
+        groups.append((rows, order[:n], order[n:] if n < s else None))
+    return KeyPadding(tuple(groups)), None

@@ -42,6 +42,7 @@ class AttentionCache:
         self.step_reuses = 0  # AST hits
         self.cfg_reuses = 0  # ASC hits (a two-pass branch, or the copied rows of a batched call)
         self.recomputes: Counter = Counter()  # wanted to reuse, computed: why
+        self._rows: dict = {}  # (cfg chunks, batch, device) -> cfg_rows' index tensors on that device
 
     # ------------------------------------------------------------------ which calls
     def _ast(self, layer: int) -> bool:
@@ -78,23 +79,31 @@ class AttentionCache:
                 self.recomputes["ASC: shape differs between the CFG passes"] += 1
         return None
 
-    def cfg_rows(self, layer: int, ctx, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batched CFG with ASC: ``(rows to compute, for every row the computed row it takes)``, or None.
+    def cfg_rows(
+        self, layer: int, ctx, batch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Batched CFG with ASC: ``(rows to compute, for every row the computed row it takes)`` as int64 tensors
+        on ``device``, or None.
 
         ``ctx.cfg_chunks`` names the branch of each equal batch chunk (0 positive, 1 negative); the positive
-        chunk is computed and every negative chunk takes its rows."""
+        chunk is computed and every negative chunk takes its rows. The index tensors are built once per
+        (chunks, batch, device) and kept: a copy of host indices to a GPU per call would wait for the device."""
         chunks = ctx.cfg_chunks
         if not self._asc(layer) or not chunks or not self.config.in_window(ctx.step, ctx.num_steps):
             return None
         if 0 not in chunks or 1 not in chunks or batch % len(chunks):
             self.recomputes["ASC: batch does not split into the CFG chunks"] += 1
             return None
-        size = batch // len(chunks)
-        cond = chunks.index(0)
-        rows = torch.arange(cond * size, (cond + 1) * size)
-        source = torch.arange(batch) % size  # row r of every chunk takes row r of the computed chunk
         self.cfg_reuses += sum(1 for c in chunks if c != 0)
-        return rows, source
+        key = (chunks, batch, device)
+        split = self._rows.get(key)
+        if split is None:
+            size = batch // len(chunks)
+            cond = chunks.index(0)
+            rows = torch.arange(cond * size, (cond + 1) * size)
+            source = torch.arange(batch) % size  # row r of every chunk takes row r of the computed chunk
+            split = self._rows[key] = (rows.to(device), source.to(device))
+        return split
 
     def wants(self, layer: int, ctx) -> bool:
         """Whether a computed output of this call may be reused later (so :meth:`keep` it)."""

@@ -151,6 +151,8 @@ class FamilyAdapter:
             (their count is the number of layers per forward).
         replace: processor class name -> our math-identical dispatcher processor class name, for families
             whose processors call SDPA directly.
+        one_key_mask: the family's self-attention calls of one forward all get the same key-padding mask values,
+            as a new tensor per call (``ForwardContext.one_key_mask``: the runtime reads the first one only).
     """
 
     family: str
@@ -158,6 +160,7 @@ class FamilyAdapter:
     layout: Callable
     self_attention: Callable[[str], bool] = lambda path: True
     replace: dict = field(default_factory=dict)
+    one_key_mask: bool = False
 
     def timestep(self, model, args, kwargs) -> float | None:
         t = _arg(model, args, kwargs, "timestep")
@@ -184,7 +187,8 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
         _hunyuan_video_layout,
         self_attention=lambda path: path.startswith(("transformer_blocks.", "single_transformer_blocks.")),
     ),
-    FamilyAdapter("qwen_image", ("QwenImageTransformer2DModel",), _qwen_layout),
+    # Qwen-Image's processor builds its joint mask in every layer from the forward's encoder_hidden_states_mask
+    FamilyAdapter("qwen_image", ("QwenImageTransformer2DModel",), _qwen_layout, one_key_mask=True),
     FamilyAdapter(
         "ltx_video",
         ("LTXVideoTransformer3DModel",),

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -91,6 +92,8 @@ class ContextHook(ModelHook):
         layout = self.adapter.layout(module, args, kwargs)
         timestep = self.adapter.timestep(module, args, kwargs)
         ctx = self.clock.context(layout, timestep, self.state_manager._context)
+        if self.adapter.one_key_mask:
+            ctx = dataclasses.replace(ctx, one_key_mask=True)
         state = self.runtime.begin_forward(ctx)
         return state, ACTIVE.set((self.runtime, state))
 

@@ -378,6 +378,39 @@ def test_cross_attention_keeps_its_backend_and_masks_counted():
     h.disable()
 
 
+@pytest.mark.parametrize("name", ["hunyuan_video", "qwen_image"])
+def test_padded_text_mask_read_once_per_forward(name):
+    """The families that pass a key-padding mask: HunyuanVideo one tensor per forward, Qwen-Image a new one
+    per layer (its adapter says they are alike). Only the first self-attention call of a forward reads the
+    mask's values (one host sync on a GPU); the model's output stays that of the masked reference."""
+    from fastattn.attention.host_sync import HostSyncs
+
+    model, inputs, _ = build(name)
+    handle = fa.enable(model, method="band", window=6, block_size=BS)
+    rt = handle.runtimes[0]
+    out = run(model, inputs)  # warm-up: builds the masks of the shorter (padding dropped) layout
+    recorded, attend = [], rt.attend
+
+    def recording(state, *args, **kwargs):
+        syncs = HostSyncs()
+        with syncs:
+            result = attend(state, *args, **kwargs)
+        recorded.append((state, dict(syncs.calls)))
+        return result
+
+    rt.attend = recording
+    for _ in range(2):
+        assert torch.equal(run(model, inputs), out)
+    firsts = [calls for i, (state, calls) in enumerate(recorded) if i == 0 or recorded[i - 1][0] is not state]
+    later = [calls for i, (state, calls) in enumerate(recorded) if i and recorded[i - 1][0] is state]
+    assert firsts == [{"torch.Tensor.tolist": 1}] * 2 and later and not any(later), [c for _, c in recorded]
+    st = handle.stats()
+    assert st["fallback_calls"] == 0 and st["dense_calls"] == 0, st
+    rt.sparse_fn = masked_oracle
+    torch.testing.assert_close(run(model, inputs), out, rtol=1e-5, atol=1e-5)
+    handle.disable()
+
+
 def test_bad_input_errors():
     model, inputs, _ = build("wan")
     with pytest.raises(ValueError, match="valid methods"):

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from fastattn.attention import AttentionRuntime, ForwardContext
 from fastattn.attention.host_sync import HostSyncs
+from fastattn.masks import TokenLayout
 from fastattn.plans import AttentionPlan, BandConfig, HeadTable, Window3DConfig
 from fastattn.testbed.fast import enable
 from fastattn.testbed.model import TestbedConfig, TestbedDiT
@@ -46,10 +49,17 @@ PLANS = {
     "head table": lambda: dict(plan=_head_table_plan()),
     "dynamic (balanced)": lambda: dict(preset="balanced", block_size=16),
     "window3d": lambda: dict(method="window3d", density=0.3, block_size=16),
+    # batched CFG (the sampler's cfg_scale) with ASC: the positive half attends, the negative half copies it
+    "cfg_share": lambda: dict(
+        method="window3d",
+        density=0.3,
+        block_size=16,
+        cache={"cfg_share": True, "first_steps": 0, "last_steps": 0},
+    ),
 }
 
 
-def _recorded_run(model) -> tuple[HostSyncs, int]:
+def _recorded_run(model, **kw) -> tuple[HostSyncs, int]:
     """One sampling run with every attention call recorded: ``(syncs, calls)``."""
     syncs, calls = HostSyncs(), 0
     saved = [blk.attn.attention_fn for blk in model.blocks]
@@ -66,7 +76,7 @@ def _recorded_run(model) -> tuple[HostSyncs, int]:
     for blk, fn in zip(model.blocks, saved):
         blk.attn.set_attention_fn(recorded(fn))
     try:
-        sample(model, [1], **KW)
+        sample(model, [1], **KW, **kw)
     finally:
         for blk, fn in zip(model.blocks, saved):
             blk.attn.set_attention_fn(fn)
@@ -76,11 +86,12 @@ def _recorded_run(model) -> tuple[HostSyncs, int]:
 @pytest.mark.parametrize("name", list(PLANS))
 def test_steady_state_attention_calls_make_no_host_sync(model, name):
     handle = enable(model, **PLANS[name]())
+    kw = dict(cfg_scale=3.0) if name == "cfg_share" else {}
     try:
         with torch.no_grad():
-            sample(model, [1], **KW)  # warm-up run: builds masks, per-head work, permutations, geometry
+            sample(model, [1], **KW, **kw)  # warm-up run: builds masks, per-head work, permutations, geometry
             handle.reset_stats()
-            syncs, calls = _recorded_run(model)
+            syncs, calls = _recorded_run(model, **kw)
         st = handle.stats()  # not recorded: stats() reads the device-side sums once
     finally:
         handle.disable()
@@ -92,6 +103,8 @@ def test_steady_state_attention_calls_make_no_host_sync(model, name):
     if name.startswith("dynamic"):
         assert st["selections"] > 0 and st["selection_reuses"] > 0, st
         assert st["planned_dense"].get("residual capture (WA-RS)", 0) > 0, st
+    if name == "cfg_share":
+        assert st["cache"]["attention"]["cfg_reuses"] == KW["num_steps"] * LAYERS, st
     assert not syncs.calls, f"{name}: host syncs in {calls} steady-state attention calls:\n{syncs.report()}"
 
 
@@ -110,3 +123,86 @@ def test_host_syncs_sees_the_calls_that_sync():
         "torch.Tensor.__getitem__[bool]": 1, "torch.Tensor.to(device)": 2, "torch.tensor(device)": 1,
     }  # fmt: skip
     assert "test_runtime_host_sync.py" in syncs.report()  # sites name the caller, not torch's internals
+
+
+# ------------------------------------------------------------------------------ key-padding masks
+
+PAD_LAYOUT = TokenLayout.video(2, 8, 8, text_len=16, text_first=False)  # [img, txt], as HunyuanVideo
+
+
+def _padding_mask(batch: int) -> torch.Tensor:
+    """bool ``[B, 1, 1, S]``: padded text keys dropped, a different count per batch row."""
+    keep = torch.ones(batch, 1, 1, PAD_LAYOUT.seq_len, dtype=torch.bool)
+    for i in range(batch):
+        keep[i, ..., PAD_LAYOUT.seq_len - 5 - 3 * i :] = False
+    return keep
+
+
+KEY_PADDING = {
+    # the host passes one mask tensor to every layer of a forward (HunyuanVideo)
+    "one tensor per forward": dict(fresh=False),
+    # a new tensor per layer, the host says they are alike (Qwen-Image: ForwardContext.one_key_mask)
+    "one_key_mask": dict(fresh=True),
+    # batched CFG with ASC: the runtime takes the positive rows of the mask
+    "cfg_share": dict(fresh=False, cache={"cfg_share": True, "first_steps": 0, "last_steps": 0}),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_PADDING))
+def test_key_padding_mask_is_read_once_per_forward(name):
+    """The first call of a forward reads the mask's values once; every later call of the forward reads
+    nothing, and the outputs are the masked dense attention."""
+    case = KEY_PADDING[name]
+    layers, steps, batch = 3, 4, 2
+    plan = AttentionPlan(BandConfig(window=24), block_size=8, cache=case.get("cache"))
+    rt = AttentionRuntime(plan, layers)
+    chunks = (1, 0) if "cache" in case else None
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, PAD_LAYOUT.seq_len, 2, 16) for _ in range(3))
+    band = rt.masks.get(plan.method, PAD_LAYOUT, plan.block_size).to_token_mask()[0]
+    first_calls, later_calls = [], HostSyncs()
+    for step in range(steps):
+        ctx = ForwardContext(PAD_LAYOUT, step, steps, cfg_chunks=chunks, one_key_mask=case["fresh"])
+        state = rt.begin_forward(ctx)
+        mask = _padding_mask(batch)  # built once per forward, as the host does
+        for layer in range(layers):
+            call_mask = mask.clone() if case["fresh"] else mask
+            syncs = HostSyncs() if layer == 0 else later_calls
+            with syncs:
+                out = rt.attend(state, q, k, v, call_mask, None)
+            if layer == 0:
+                first_calls.append(syncs)
+            rows = [1, 1] if chunks else [0, 1]  # with ASC the negative row 0 copies the positive row 1
+            ref = F.scaled_dot_product_attention(
+                *(x[rows].transpose(1, 2) for x in (q, k, v)), attn_mask=band & mask[rows]
+            ).transpose(1, 2)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        rt.end_forward(state)
+    st = rt.stats.as_dict()
+    assert st["fallbacks"] == {} and st["dense_calls"] == 0 < st["sparse_calls"], st
+    assert not later_calls.calls, (
+        f"{name}: host syncs after the first call of a forward:\n{later_calls.report()}"
+    )
+    # warm-up (the first forward builds masks for the shorter layouts), then one read per forward
+    assert [dict(s.calls) for s in first_calls[1:]] == [{"torch.Tensor.tolist": 1}] * (steps - 1)
+
+
+def test_one_key_mask_forward_whose_masks_differ_raises_then_reads_every_mask():
+    plan = AttentionPlan(BandConfig(window=24), block_size=8)
+    rt = AttentionRuntime(plan, 2)
+    q, k, v = (torch.randn(1, PAD_LAYOUT.seq_len, 2, 16) for _ in range(3))
+    first, other = _padding_mask(1), _padding_mask(1)
+    other[..., -9:] = False  # drops more text than the first mask
+
+    def forward(step):
+        state = rt.begin_forward(ForwardContext(PAD_LAYOUT, step, 4, one_key_mask=True))
+        outs = [rt.attend(state, q, k, v, m, None) for m in (first, other)]
+        rt.end_forward(state)
+        return outs
+
+    with pytest.raises(RuntimeError, match="the masks differed"):
+        forward(0)
+    _, out = forward(1)  # now the second call reads its own mask: exact
+    band = rt.masks.get(plan.method, PAD_LAYOUT, plan.block_size).to_token_mask()[0]
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=band & other)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
