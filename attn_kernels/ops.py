@@ -461,18 +461,18 @@ def _attend(q, k, v, lists: BlockLists, scale, quant, perm, backend, need_lse) -
                 _warn_once(skipped, f"fastattn: {skipped}; backend='auto' serves such calls with Triton", 3)
 
     kernel = "torch"  # the PyTorch path: listed blocks on the CPU, the exact reference on a GPU
-    if backend != "reference":
+    if backend != "reference" and (q.is_cuda or backend == "triton"):
+        # Imported only here: it imports Triton, which CPU-only installs lack and the PyTorch path never needs.
         from .triton_attention import interpreting
 
-        if backend == "triton" and not (q.is_cuda or interpreting()):
+        if not (q.is_cuda or interpreting()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-        if q.is_cuda or backend == "triton":
-            kernel = "triton"
-        reason = _triton_reason(q, quant) if kernel == "triton" else None
+        kernel = "triton"
+        reason = _triton_reason(q, quant)
         if reason is not None:
             res = AttentionResult(*_dense_fallback(q, k, v, scale, need_lse), reason, "dense")
             return _served_by(res, skipped)
-        if kernel == "triton" and lists.geometry.block_size != 128 and q.is_cuda and not interpreting():
+        if lists.geometry.block_size != 128 and q.is_cuda and not interpreting():
             raise ValueError(f"the GPU kernel takes block_size 128 masks, got {lists.geometry.block_size}")
     perm_t = None if perm is None else _perm_on(perm, q.device)
     return _served_by(_run(q, k, v, lists, kernel, perm_t, scale, quant), skipped)
