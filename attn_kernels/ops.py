@@ -463,7 +463,14 @@ def _attend(q, k, v, lists: BlockLists, scale, quant, perm, backend, need_lse) -
     kernel = "torch"  # the PyTorch path: listed blocks on the CPU, the exact reference on a GPU
     if backend != "reference" and (q.is_cuda or backend == "triton"):
         # Imported only here: it imports Triton, which CPU-only installs lack and the PyTorch path never needs.
-        from .triton_attention import interpreting
+        try:
+            from .triton_attention import interpreting
+        except ImportError as e:
+            raise ValueError(
+                f"backend={backend!r} serves CUDA tensors with fastattn's Triton kernel, but Triton cannot be "
+                f"imported ({e}); install triton (it comes with CUDA builds of torch) or use backend='auto' on "
+                "the CPU"
+            ) from None
 
         if not (q.is_cuda or interpreting()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
