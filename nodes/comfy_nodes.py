@@ -431,6 +431,14 @@ class FastAttentionCalibrate(io.ComfyNode):
                     tooltip="Share of the attention work the plan may do (dense steps included); the plan "
                     "with the least estimated error at that work is chosen.",
                 ),
+                io.Boolean.Input(
+                    "residual",
+                    default=False,
+                    optional=True,  # prompts saved before it existed stay valid
+                    tooltip="Residual sharing (WA-RS) on top of the plan: the first step runs exact and its "
+                    "correction is added to later steps' approximate heads (the exact step counts in "
+                    "target_density).",
+                ),
             ],
             outputs=[
                 Plan.Output(display_name="plan", tooltip="The calibrated plan, for Fast Attention or Save Plan."),
@@ -441,7 +449,7 @@ class FastAttentionCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed=0, runs=2, steps=20, cfg=5.0,
-                sampler_name="euler", scheduler="simple", target_density=0.3) -> io.NodeOutput:  # fmt: skip
+                sampler_name="euler", scheduler="simple", target_density=0.3, residual=False) -> io.NodeOutput:  # fmt: skip
         try:
             import comfy.utils
 
@@ -451,7 +459,8 @@ class FastAttentionCalibrate(io.ComfyNode):
             progress = None
         plan, text = cal.calibrate_model(model, positive, negative, latent_image, seed=seed, runs=runs, steps=steps,
                                          cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                         target_density=target_density, on_progress=progress)  # fmt: skip
+                                         target_density=target_density, residual=residual,
+                                         on_progress=progress)  # fmt: skip
         return io.NodeOutput(plan, text, ui={"text": [text]})
 
 

@@ -52,6 +52,18 @@ def test_calibrate_node_makes_a_plan_fast_attention_runs_and_save_plan_writes(tm
     assert load_plan(where).meta.creator == "fastattn.calibrate"
 
 
+def test_calibrate_node_residual_plan_shares_its_residual_in_fast_attention():
+    model = fakes.wan_patcher()
+    plan, text = cal.calibrate_model(model, fakes.CTX, fakes.CTX, LATENT, target_density=0.6, residual=True, **KW)
+    assert plan.plan.residual and plan.report["summary"]["residual"]
+    assert plan.report["summary"]["expected_work"] <= 0.6 + 1e-9
+    fast = fa.apply_fast_attention(model, plan=plan)
+    fakes.sample(fast, fakes.WAN_X, [1.0, 0.5, 0.25, 0.0], fakes.CTX)
+    report = find_patch(fast).last
+    assert 0 < report["density"] <= 0.6 + 1e-6
+    assert "residual capture (WA-RS)" in str(report), report
+
+
 def test_calibrate_and_save_plan_refuse_bad_input(tmp_path):
     with pytest.raises(fa.NodeError, match="needs a model fastattn serves"):
         cal.calibrate_model(

@@ -33,13 +33,14 @@ def test_calibrate_node_plan_runs_in_fast_attention_and_save_plan_writes_it(serv
         "class_type": "FastAttnCalibrate",
         "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
                    "seed": 3, "runs": 1, "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
-                   "target_density": 0.6},
+                   "target_density": 0.6, "residual": True},
     }  # fmt: skip
     g["fa"]["inputs"]["plan"] = ["cal", 0]
     g["save"] = {"class_type": "FastAttnSavePlan",
                  "inputs": {"plan": ["cal", 0], "name": "wan-calibrated-test", "hub_repo": "", "private": True}}  # fmt: skip
-    entry = server.run(g, timeout=600)
+    entry = server.run(dh.with_report(g), timeout=600)
     assert entry["status"]["status_str"] == "success", (entry["status"]["messages"], server.log_tail())
+    assert "residual capture (WA-RS)" in entry["outputs"]["rep"]["text"][0]  # the residual=True plan shares R
     out = dh.load_file(server.output_file(entry, "7"))["latent_tensor"]
     assert out.isfinite().all()
     report = entry["outputs"]["cal"]["text"][0]
