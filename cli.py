@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--density", type=float, default=None, help="the method's block density")
     d.add_argument("--quant", default=None, help="none, int8, int8-fp8, fp8 (default: the preset's)")
-    d.add_argument("--frames", type=int, default=None, help="clip length (default: 8 on CPU, 16 on GPU)")
+    d.add_argument("--frames", type=int, default=None, help="clip length (default: 16)")
     d.add_argument("--size", type=int, default=None, help="frame size in pixels (default: 64)")
     d.add_argument("--clips", type=int, default=None, help="clips to sample (default: 1 on CPU, 4 on GPU)")
     d.add_argument("--device", default=None, help="default: cuda if available, else cpu")
