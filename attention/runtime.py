@@ -621,8 +621,9 @@ class AttentionRuntime:
             return tuple(out)
 
         heads = len(row)
-        density = _computed_density(mask, torch.ones(heads, dtype=torch.bool), heads)
-        exact = _full_heads(mask, heads) & torch.tensor([m == "none" for m in quants])
+        per_head = _head_densities(mask, heads)
+        density = _computed_density(per_head, torch.ones(heads, dtype=torch.bool))
+        exact = (per_head == 1.0) & torch.tensor([m == "none" for m in quants])  # every block, unquantized
         return HeadWork(
             mask,
             perm,
@@ -630,7 +631,7 @@ class AttentionRuntime:
             groups([False] * heads),
             torch.tensor(reuse).nonzero().flatten() if any(reuse) else None,
             density,
-            _computed_density(mask, ~torch.tensor(reuse), heads) if any(reuse) else density,
+            _computed_density(per_head, ~torch.tensor(reuse)) if any(reuse) else density,
             all_dense and not any(reuse),
             ((f"blockmap heads on a layout of another block grid than calibrated ({table.map_blocks} blocks): "
               "computed with a full mask", unfit),) if unfit else (),
@@ -824,26 +825,18 @@ def _select_heads(mask: BlockMask, idx: torch.Tensor) -> BlockMask:
     )
 
 
-def _computed_density(mask: BlockMask, computed: torch.Tensor, heads: int) -> float:
-    """Block density over all heads, counting heads that were not computed (reused) as zero work (reads the
-    mask: computed once per piece of work, on the host)."""
-    counts = mask.kv_counts.float()
+def _head_densities(mask: BlockMask, heads: int) -> torch.Tensor:
+    """float64 ``[heads]``: each head's block density (reads the mask: once per piece of work, on the host)."""
+    counts = mask.kv_counts.double()
     n = mask.num_blocks
     if counts.dim() >= 3 and counts.shape[-2] == heads:
-        per_head = counts.mean(dim=tuple(d for d in range(counts.dim()) if d != counts.dim() - 2)) / n
-    else:
-        per_head = torch.full((heads,), float(counts.mean()) / n)
-    return float((per_head.cpu() * computed.float()).sum() / heads)
+        return counts.mean(dim=tuple(d for d in range(counts.dim()) if d != counts.dim() - 2)).cpu() / n
+    return torch.full((heads,), float(counts.mean()) / n, dtype=torch.float64)
 
 
-def _full_heads(mask: BlockMask, heads: int) -> torch.Tensor:
-    """bool ``[heads]``: the heads whose block lists hold every block (on the host, once per piece of work)."""
-    counts = mask.kv_counts
-    n = mask.num_blocks
-    if counts.dim() >= 3 and counts.shape[-2] == heads:
-        dims = tuple(d for d in range(counts.dim()) if d != counts.dim() - 2)
-        return (counts == n).all(dim=dims).cpu() if dims else (counts == n).cpu()
-    return torch.full((heads,), bool((counts == n).all()))
+def _computed_density(per_head: torch.Tensor, computed: torch.Tensor) -> float:
+    """Block density over all heads, counting heads that were not computed (reused) as zero work."""
+    return float((per_head * computed.double()).sum() / per_head.numel())
 
 
 @dataclass(frozen=True)
