@@ -4,7 +4,7 @@ A plan directory holds two files:
 
 * ``plan.json`` -- a small UTF-8 JSON header::
 
-      {"format": "fastattn-plan", "format_version": 1,
+      {"format": "fastattn-plan", "format_version": 1 or 2,
        "plan": {flat settings: AttentionPlan.to_dict(), e.g. "method": "window3d", "density": 0.2, ...},
        "heads": null | {"methods": [describe(m), ...],        # the head table's palette
                         "step_bounds": [0.0, ..., 1.0],       # G + 1 fractions of the run
@@ -17,8 +17,10 @@ A plan directory holds two files:
   (``HeadTable.block_maps``, bool ``[M, n, n]``) bit-packed along the key-block axis as uint8
   ``[M, n, ceil(n / 8)]``, little-endian bit order -- key block ``k`` of a row is bit ``k % 8`` (value
   ``1 << (k % 8)``) of byte ``k // 8``, and the padding bits past key block ``n - 1`` are zero. Identical maps
-  are stored once (:func:`~fastattn.plans.heads.unique_maps`; ``map_index`` is remapped). Files written before
-  the packing hold bool ``block_maps`` ``[M, n, n]`` instead; both load into the same bool ``[M, n, n]``.
+  are stored once (:func:`~fastattn.plans.heads.unique_maps`; ``map_index`` is remapped). A file with packed
+  maps says ``format_version`` 2, so a fastattn that predates the packing refuses it by name instead of
+  failing on an unknown tensor; every other file says 1 and stays readable there. Files written before the
+  packing hold bool ``block_maps`` ``[M, n, n]`` instead; both load into the same bool ``[M, n, n]``.
   ``meta.tensors_sha256`` is its sha256. A plan without a head table has no ``plan.safetensors``
   (``save_plan`` removes a stale one; loading never reads it). The file holds at most ``MAX_TENSORS_BYTES``
   (64 MiB): a map of ``n`` blocks a side takes ``n * ceil(n / 8)`` bytes (8 KiB at ``n = 256``, 106 KiB at
@@ -55,7 +57,8 @@ from .schema import AttentionPlan
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "plan.safetensors"
 FORMAT = "fastattn-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this writes: 2 when block maps are bit-packed, else 1 (see the docstring)
+READ_VERSIONS = (1, 2)
 MAX_JSON_BYTES = 1 << 20  # a header is a few KiB; a calibrated palette a few hundred entries
 MAX_JSON_DEPTH = 16
 # Loading reads the whole file and unpacks maps 8 bytes per stored byte: 64 MiB is at most 512 MiB in memory.
@@ -130,7 +133,8 @@ def save_plan(plan: AttentionPlan, directory, meta: PlanMeta | None = None) -> P
         heads = {"methods": [describe(m) for m in plan.heads.methods], "step_bounds": list(plan.heads.step_bounds),
                  "tensors": sorted(tensors)}  # fmt: skip
     meta = dataclasses.replace(meta, tensors_sha256=hashlib.sha256(blob).hexdigest() if blob else None)
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_dict(), "heads": heads,
+    version = FORMAT_VERSION if heads is not None and PACKED_MAPS in heads["tensors"] else 1
+    header = {"format": FORMAT, "format_version": version, "plan": plan.to_dict(), "heads": heads,
               "meta": meta.to_dict()}  # fmt: skip
     text = _dumps(header) + "\n"
     if blob is not None:
@@ -365,9 +369,10 @@ def _build(header, where: str, read_tensors: Callable[[], tuple[bytes, str]]):
     if header.get("format") != FORMAT:
         raise PlanFileError(f"{where}: format is {header.get('format')!r}, expected {FORMAT!r}")
     version = header.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READ_VERSIONS or isinstance(version, bool):
         raise PlanFileError(
-            f"{where}: format_version {version!r} is not one this fastattn reads ({FORMAT_VERSION}); "
+            f"{where}: format_version {version!r} is not one this fastattn reads "
+            f"({', '.join(map(str, READ_VERSIONS))}); "
             "a newer fastattn may read it"
         )
     _object(header, where, _HEADER_KEYS, "the header")

@@ -3,6 +3,7 @@ in the head's axis order, chosen by calibration where they beat the fixed candid
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -149,6 +150,16 @@ def test_plan_files_store_block_maps_bit_packed(tmp_path):
     bits = stored["block_maps_bits"]
     assert bits.dtype == torch.uint8 and tuple(bits.shape) == (2, N, (N + 7) // 8)
     assert torch.equal(unpack_block_maps(bits, "x"), maps)
+    # packed maps say format_version 2: a fastattn from before the packing refuses the file by its version
+    header = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert header["format_version"] == 2
+
+
+def test_plan_files_without_block_maps_stay_format_version_1(tmp_path):
+    table = HeadTable.uniform(DenseConfig(), num_layers=2, num_heads=4)
+    for name, plan in {"no table": AttentionPlan(block_size=BS), "table": AttentionPlan(heads=table)}.items():
+        d = save_plan(plan, tmp_path / name.replace(" ", "-"), PlanMeta(model=FP, layout=LAYOUT))
+        assert json.loads((d / "plan.json").read_text())["format_version"] == 1, name
 
 
 def test_old_plan_files_with_bool_block_maps_still_load(tmp_path):

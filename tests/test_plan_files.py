@@ -244,8 +244,8 @@ def test_header_that_is_not_an_object_is_refused(saved):
 
 def test_unknown_format_version_is_refused(saved):
     h, _ = read(saved)
-    rewrite(saved, {**h, "format_version": 2})
-    refused(saved, "format_version 2", "reads (1)")
+    rewrite(saved, {**h, "format_version": 3})
+    refused(saved, "format_version 3", "reads (1, 2)")
 
 
 def test_wrong_format_name_is_refused(saved):
