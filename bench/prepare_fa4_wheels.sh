@@ -26,6 +26,9 @@
 #
 # Usage: bench/prepare_fa4_wheels.sh            (downloads into .whl/fa4-src, writes .whl/fa4/part-*)
 #        FA4_PART_MIB=20 bench/prepare_fa4_wheels.sh   (force the part size)
+#        FA4_EXTRA="diffusers==0.42.1" FA4_MARGIN_KIB=512 bench/prepare_fa4_wheels.sh
+#            (more pure-Python wheels in the same tree, e.g. diffusers for the e2e benches: one call fewer than
+#            carrying them beside the parts; a smaller margin for files added before the call)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +46,8 @@ WHEELS=(
     "quack-kernels==0.6.5"
 )
 # einops, typing-extensions, cuda-bindings and protobuf (their other needs) are in the GPU image already.
+read -r -a EXTRA <<< "${FA4_EXTRA:-}"
+WHEELS+=("${EXTRA[@]}")
 
 git -C "$ROOT" check-ignore -q .whl/fa4 || { echo "$ROOT/.whl is not git-ignored: refusing to write wheels there"; exit 1; }
 
@@ -78,8 +83,8 @@ fi
 if [ -n "${FA4_PART_MIB:-}" ]; then
     part_bytes=$((FA4_PART_MIB * 1024 * 1024))
 else
-    # 2 MiB of margin for files other helpers add before the call; at most 60 MiB a part
-    part_bytes=$((64 * 1024 * 1024 - tree_bytes - 2 * 1024 * 1024))
+    # a margin (2 MiB unless FA4_MARGIN_KIB says) for files other helpers add before the call; at most 60 MiB
+    part_bytes=$((64 * 1024 * 1024 - tree_bytes - ${FA4_MARGIN_KIB:-2048} * 1024))
     [ "$part_bytes" -gt $((60 * 1024 * 1024)) ] && part_bytes=$((60 * 1024 * 1024))
 fi
 [ "$part_bytes" -gt $((4 * 1024 * 1024)) ] || { echo "working tree is $tree_bytes bytes: no room for wheels"; exit 1; }
