@@ -243,8 +243,14 @@ def main(argv=None) -> int:
     sampling = []
     for batch in batches:
         dense_s = None
-        for name, kw in plans.items():
-            row = {"plan": name, **time_sampling(model, kw, batch, steps, reps, device)}
+        for name, kw in list(plans.items()):
+            try:
+                row = {"plan": name, **time_sampling(model, kw, batch, steps, reps, device)}
+            except (OSError, ValueError) as e:  # a plan folder missing or refused: recorded, the others still run
+                sampling.append({"plan": name, "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                print(f"batch {batch:2d} {name:18s} {e}", flush=True)
+                del plans[name]
+                continue
             dense_s = row["seconds"] if kw is None else dense_s
             row["speedup_vs_dense"] = dense_s / row["seconds"] if dense_s else None
             sampling.append(row)
